@@ -1,0 +1,183 @@
+"""Raw message bytes -> :class:`~gatewayd.plugin.MessageView`, best effort and never raising.
+
+Routing must work on whatever arrived: unknown charsets, NUL bytes, broken or
+absurdly deep MIME. This module is pure and blocking (the core runs it in a
+thread); every failure degrades to an emptier view instead of an exception,
+because a message that was accepted must still be routed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Sequence
+from email import policy
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesParser
+from html.parser import HTMLParser
+from types import MappingProxyType
+
+from .addresses import extract_address
+from .plugin import MessageView
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str], *,
+                            max_depth: int = 100, max_body: int = 65536) -> MessageView:
+    """Parses ``raw`` with ``email.policy.default``; the body is the first text/plain part.
+
+    Falls back to the first text/html part stripped of tags; walks MIME no deeper
+    than ``max_depth`` and keeps at most ``max_body`` characters of body.
+    """
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+        headers = _headers(message)
+        body = _body(message, max_depth)
+    except Exception:
+        headers, body = _fallback(raw)
+    subject = " ".join(headers.get("subject", ("",))[0].split())
+    from_values = headers.get("from", ())
+    sender = (extract_address(from_values[0]) if len(from_values) == 1 else None) or mail_from
+    message_ids = headers.get("message-id", ())
+    return MessageView(
+        mail_from=mail_from,
+        rcpt_tos=tuple(rcpt_tos),
+        subject=subject,
+        sender=sender.lower() if sender.isascii() else sender,
+        body=body[:max_body],
+        headers=MappingProxyType(headers),
+        authentication_results=headers.get("authentication-results", ()),
+        message_id=message_ids[0].strip() if message_ids else None,
+    )
+
+
+def _headers(message: Message) -> dict[str, tuple[str, ...]]:
+    collected: dict[str, list[str]] = {}
+    for name, raw_value in message.raw_items():
+        collected.setdefault(str(name).lower(), []).append(_decode_header(str(raw_value)))
+    return {name: tuple(values) for name, values in collected.items()}
+
+
+def _decode_header(raw: str) -> str:
+    unfolded = " ".join(raw.replace("\r", " ").replace("\n", " ").split())
+    try:
+        decoded = str(make_header(decode_header(unfolded)))
+    except Exception:
+        decoded = unfolded
+    return _CONTROL.sub("", decoded.replace("\t", " "))
+
+
+def _body(message: Message, max_depth: int) -> str:
+    plain, html = _first_text_parts(message, max_depth)
+    if plain is not None:
+        return _clean(_decode_part(plain))
+    if html is not None:
+        return _clean(_strip_html(_decode_part(html)))
+    return ""
+
+
+def _first_text_parts(message: Message, max_depth: int) -> tuple[Message | None, Message | None]:
+    """Depth-first, in order; attachments and nested messages are not the body."""
+    stack: list[tuple[Message, int]] = [(message, 0)]
+    html: Message | None = None
+    while stack:
+        part, depth = stack.pop()
+        content_type = part.get_content_type()
+        if part.is_multipart():
+            if depth >= max_depth or content_type == "message/rfc822":
+                continue
+            children = part.get_payload()
+            if isinstance(children, list):
+                stack.extend((child, depth + 1) for child in reversed(children) if isinstance(child, Message))
+            continue
+        if _is_attachment(part):
+            continue
+        if content_type == "text/plain":
+            return part, html
+        if content_type == "text/html" and html is None:
+            html = part
+    return None, html
+
+
+def _is_attachment(part: Message) -> bool:
+    disposition = str(part.get("content-disposition", "")).split(";", 1)[0].strip().lower()
+    return disposition == "attachment"
+
+
+def _decode_part(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raw = part.get_payload()
+        return raw if isinstance(raw, str) else ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except (LookupError, ValueError):
+        charset = "utf-8"
+    try:
+        return payload.decode(charset, errors="replace")
+    except Exception:
+        return payload.decode("utf-8", errors="replace")
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _BLANK_LINES.sub("\n\n", _CONTROL.sub("", text)).strip()
+
+
+class _TextExtractor(HTMLParser):
+    """Keeps the visible text of an HTML body; script and style contents are dropped."""
+
+    _SKIP = frozenset({"script", "style", "head", "title"})
+    _BREAK = frozenset({"br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BREAK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP and self._skipping:
+            self._skipping -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def _strip_html(html: str) -> str:
+    extractor = _TextExtractor()
+    try:
+        extractor.feed(html)
+        extractor.close()
+    except Exception:
+        return re.sub(r"<[^>]*>", " ", html)
+    lines = (" ".join(line.split()) for line in "".join(extractor.parts).split("\n"))
+    return "\n".join(lines)
+
+
+def _fallback(raw: bytes) -> tuple[dict[str, tuple[str, ...]], str]:
+    """Headers split by hand when the parser itself gave up (e.g. recursion on hostile MIME)."""
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    head, _, body = text.partition("\n\n")
+    collected: dict[str, list[str]] = {}
+    last: str | None = None
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and last is not None:
+            collected[last][-1] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if sep and name.strip() and " " not in name.strip():
+            last = name.strip().lower()
+            collected.setdefault(last, []).append(value.strip())
+    headers = {name: tuple(_decode_header(v) for v in values) for name, values in collected.items()}
+    return headers, _clean(body)
