@@ -106,7 +106,7 @@ def _rule(options: Options, path: str, index: int, raw: Any) -> Rule | None:
             test = _keyword_test(options, where, keywords)
             if test is not None:
                 tests.append(("keywords", test))
-    if not tests:
+    if not match and raw.get("keywords") is None:
         options.error(path, "needs at least one match key (subject, body, from, to, header, keywords)")
     team, agent, priority = raw.get("team"), raw.get("agent"), raw.get("priority")
     if team is None and agent is None and priority is None:
