@@ -1,0 +1,100 @@
+"""message_view_from_bytes: decoded views of whatever arrived, never an exception."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatewayd.message_view import message_view_from_bytes
+
+RCPT = ["support@example.test"]
+
+
+def view(raw: bytes, **kw):
+    return message_view_from_bytes(raw, "bounce@example.org", RCPT, **kw)
+
+
+def test_plain_message_with_encoded_subject_and_auth_results():
+    raw = (b"From: =?utf-8?q?Zo=C3=AB?= <Zoe@Example.ORG>\r\n"
+           b"To: support@example.test\r\n"
+           b"Subject: =?utf-8?b?UsOpY2xhbWF0aW9u?= urgent\r\n"
+           b"Authentication-Results: gw.example.test; dkim=pass header.d=example.org\r\n"
+           b"Authentication-Results: gw.example.test; spf=fail\r\n"
+           b"Message-ID: <abc@example.org>\r\n"
+           b"\r\nHello,\r\nmy card was charged.\r\n")
+    message = view(raw)
+    assert message.subject == "Réclamation urgent"
+    assert message.sender == "zoe@example.org"
+    assert message.body == "Hello,\nmy card was charged."
+    assert message.authentication_results == ("gw.example.test; dkim=pass header.d=example.org",
+                                              "gw.example.test; spf=fail")
+    assert message.header("AUTHENTICATION-RESULTS").endswith("header.d=example.org")
+    assert message.message_id == "<abc@example.org>"
+    assert message.rcpt_tos == ("support@example.test",)
+
+
+def test_first_text_plain_part_wins_over_html_and_attachments():
+    raw = b"""\
+Subject: parts
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="b1"
+
+--b1
+Content-Type: text/plain; name="notes.txt"
+Content-Disposition: attachment
+
+attached text
+--b1
+Content-Type: multipart/alternative; boundary="b2"
+
+--b2
+Content-Type: text/html; charset=iso-8859-1
+
+<p>caf\xe9</p>
+--b2
+Content-Type: text/plain; charset=iso-8859-1
+Content-Transfer-Encoding: quoted-printable
+
+caf=E9 au lait
+--b2--
+--b1--
+"""
+    assert view(raw).body == "café au lait"
+
+
+def test_html_only_is_stripped_of_tags_and_scripts():
+    raw = (b"Subject: html\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<html><head><style>p{}</style></head><body><p>Fraud &amp; phishing</p>"
+           b"<script>alert(1)</script><div>second line</div></body></html>")
+    assert view(raw).body == "Fraud & phishing\nsecond line"
+
+
+def test_unknown_charset_nul_bytes_and_body_limit():
+    raw = (b"Subject: odd\x00 one\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\n"
+           b"abc\x00def\xff" + b"x" * 100)
+    message = view(raw, max_body=10)
+    assert message.subject == "odd one"
+    assert message.body.startswith("abcdef\ufffd") and len(message.body) == 10
+
+
+def test_deep_mime_stops_at_max_depth():
+    depth = 150
+    raw = b"Subject: deep\r\n"
+    for i in range(depth):
+        raw += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+    raw += b"Content-Type: text/plain\r\n\r\nburied\r\n"
+    shallow = view(raw, max_depth=5)
+    assert shallow.subject == "deep" and shallow.body == ""
+    assert view(raw, max_depth=1000).body.startswith("buried")
+
+
+def test_broken_from_falls_back_to_envelope():
+    raw = b"From: alice@example.org)<bob@example.org>\r\nSubject: x\r\n\r\nbody"
+    assert view(raw).sender == "bounce@example.org"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=600))
+def test_never_raises_on_garbage(raw: bytes):
+    message = view(b"Content-Type: multipart/mixed; boundary=x\r\n" + raw)
+    assert isinstance(message.body, str) and isinstance(message.subject, str)
