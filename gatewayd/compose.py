@@ -1,0 +1,79 @@
+"""Building what gatewayd sends: forwards are the original bytes plus our headers on top.
+
+A forward is never re-encoded. gatewayd prepends its own header fields; where
+one of them replaces a field the original has (``Subject``, ``Message-ID``,
+``References``, ``Reply-To``), the original is kept, renamed to
+``X-Original-<Name>``, so a message carries each of those fields once. The
+new ``Subject`` reuses the original's raw bytes behind the tag, so no decoded
+customer text ever ends up in a header gatewayd writes (CVE-2024-6923).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .ids import TicketIds, message_ids
+from .rawmessage import CRLF, fields, split_message, unfold
+
+_REPLACEABLE = frozenset({"subject", "message-id", "references", "reply-to", "in-reply-to"})
+_MAX_LINE = 900
+
+
+def header(name: str, value: str | bytes) -> bytes:
+    """One header field from trusted parts; refuses CR/LF so a caller can't inject a second field."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8")
+    if b"\r" in raw.replace(b"\r\n ", b"").replace(b"\r\n\t", b"") or b"\n" in raw.replace(b"\r\n", b""):
+        raise ValueError(f"header {name} contains a line break")
+    return name.encode("ascii") + b": " + raw + CRLF
+
+
+def ascii_text(text: str, limit: int = _MAX_LINE) -> str:
+    """Printable ASCII only, for values built from config names and trace summaries."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:limit]
+
+
+def fold_ids(ids: list[str]) -> bytes:
+    """Message IDs one per continuation line, so long References never exceed the line limit."""
+    return b"\r\n ".join(i.encode("ascii", "replace") for i in ids)
+
+
+def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message_id: str,
+                 route_summary: str) -> bytes:
+    """gatewayd's header fields for the forward of ``raw`` on ticket ``number`` to ``agent``."""
+    block, _ = split_message(raw)
+    original: dict[str, bytes] = {}
+    for f in fields(block):
+        original.setdefault(f.name, f.raw.partition(b":")[2])
+    head = [
+        header("X-Gatewayd-Ticket", ids.ref(number)),
+        header("X-Gatewayd-Agent", ascii_text(agent)),
+        header("X-Gatewayd-Route", ascii_text(route_summary) or "-"),
+        header("Message-ID", message_id),
+    ]
+    refs = message_ids(unfold(original.get("references", b"")).decode("ascii", "replace"))
+    own_id = message_ids(unfold(original.get("message-id", b"")).decode("ascii", "replace"))
+    chain = [r for r in refs + own_id[:1] if r != ids.pseudo_reference(number)][-20:]
+    head.append(header("References", fold_ids(chain + [ids.pseudo_reference(number)])))
+    subject = original.get("subject")
+    if subject is None:
+        head.append(header("Subject", ids.tag(number)))
+    elif number not in ids.tags_in(unfold(subject).decode("utf-8", "replace")):
+        head.append(b"Subject: " + ids.tag(number).encode() + b" " + subject.lstrip(b" \t") + CRLF)
+    return b"".join(head)
+
+
+def assemble(head: bytes, raw: bytes) -> bytes:
+    """The bytes to send: ``head``, then ``raw`` with every field ``head`` replaces renamed."""
+    replaced = {f.name for f in fields(head)} & _REPLACEABLE
+    if not replaced:
+        return head + raw
+    block, body = split_message(raw)
+    if not block:
+        return head + raw
+    out: list[bytes] = []
+    for line in block[:-2].split(CRLF) if block.endswith(CRLF) else block.split(CRLF):
+        match = re.match(rb"^([\x21-\x39\x3b-\x7e]+)([ \t]*:)", line)
+        if match and match.group(1).decode("ascii").lower() in replaced:
+            line = b"X-Original-" + line
+        out.append(line)
+    return head + CRLF.join(out) + CRLF + CRLF + body

@@ -1,0 +1,172 @@
+"""Intake: from an accepted SMTP/LMTP transaction to a committed ticket.
+
+:meth:`Intake.accept` is the promise behind every ``250``: it returns only
+after one transaction holding the raw bytes, the ticket (new or threaded), an
+event and the routing work item is durable. Anything it cannot keep raises,
+and the listener answers ``4xx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .addresses import extract_address
+from .config import Config
+from .correlate import find_ticket
+from .ids import TicketIds
+from .rawmessage import HeaderSummary, decoded_text, has_bare_newline, normalize_newlines
+from .store import Store, Tx, add_event
+
+log = logging.getLogger("gatewayd.intake")
+
+# Messages above this size are checked and hashed in a worker thread, so one
+# 32 MB upload never stalls the other sessions on the event loop.
+_INLINE_LIMIT = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One SMTP/LMTP transaction as the listener hands it over."""
+
+    listener: str
+    peer: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    ticket: str | None
+    number: int | None
+    duplicate: bool = False
+    threaded_by: str | None = None
+
+
+class Prepared(NamedTuple):
+    data: bytes
+    headers: HeaderSummary
+    digest: str
+
+
+class Refused(Exception):
+    """Intake refuses the message with this SMTP reply (a policy decision, not a failure)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class Intake:
+    """Checks, threads and commits messages; ``on_committed`` wakes the router."""
+
+    def __init__(self, config: Config, store: Store, ids: TicketIds,
+                 on_committed: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.store = store
+        self.ids = ids
+        self._on_committed = on_committed
+        self._support = frozenset(a.lower() for a in config.support.addresses)
+
+    def recipient_kind(self, address: str) -> str | None:
+        """``support`` or ``bounce`` for the addresses gatewayd accepts mail for; None otherwise."""
+        lowered = address.lower()
+        if lowered in self._support:
+            return "support"
+        if lowered == self.config.support.bounce_address:
+            return "bounce"
+        return None
+
+    def prepare(self, data: bytes) -> "Prepared":
+        """Applies the content limits and summarises the headers; pure and thread-safe."""
+        limits = self.config.limits
+        if has_bare_newline(data):
+            if limits.bare_newlines == "reject":
+                raise Refused("550 5.6.0 Message contains a bare CR, bare LF or NUL; send CRLF line endings")
+            data = normalize_newlines(data)
+        end = data.find(b"\r\n\r\n", 0, limits.max_header_size + 4)
+        if (end < 0 and len(data) > limits.max_header_size) or end > limits.max_header_size:
+            raise Refused(f"552 5.3.4 Header block exceeds {limits.max_header_size} bytes")
+        headers = HeaderSummary.of(data)
+        if headers.received_count > limits.max_received_headers or headers.gatewayd_ticket_count >= 2:
+            raise Refused("554 5.4.6 Mail loop detected: too many hops through this gateway")
+        return Prepared(data, headers, hashlib.sha256(data).hexdigest())
+
+    async def accept(self, transaction: Transaction) -> Accepted:
+        if len(transaction.data) > _INLINE_LIMIT:
+            prepared = await asyncio.to_thread(self.prepare, transaction.data)
+        else:
+            prepared = self.prepare(transaction.data)
+        now = time.time()
+        for_support = any(self.recipient_kind(r) == "support" for r in transaction.rcpt_tos)
+
+        async def work(tx: Tx) -> Accepted:
+            return await self._commit(tx, transaction, prepared, now, for_support)
+
+        accepted = await self.store.transact(work)
+        if not accepted.duplicate:
+            self._on_committed()
+        return accepted
+
+    async def _commit(self, tx: Tx, t: Transaction, prepared: Prepared, now: float, for_support: bool) -> Accepted:
+        data, headers, digest = prepared
+        duplicate = await tx.fetchone(
+            "SELECT ticket FROM messages WHERE digest = ? AND mail_from = ? AND message_id IS ? "
+            "AND direction = 'in' AND received_at >= ? ORDER BY id LIMIT 1",
+            (digest, t.mail_from, headers.message_id, now - self.config.limits.duplicate_window))
+        if duplicate is not None:
+            number = duplicate[0]
+            await add_event(tx, number, "duplicate_received",
+                            {"message_id": headers.message_id, "listener": t.listener}, at=now)
+            return Accepted(self.ids.ref(number) if number else None, number, duplicate=True)
+
+        if not for_support:
+            await self._insert_message(tx, None, t, data, headers, digest, now)
+            await add_event(tx, None, "bounce_received", {"mail_from": t.mail_from,
+                                                          "message_id": headers.message_id}, at=now)
+            return Accepted(None, None)
+
+        from_address = extract_address(headers.from_) if headers.from_ else None
+        senders = {a.lower() for a in (from_address, t.mail_from) if a}
+        match = await find_ticket(tx, self.ids, headers, senders)
+        if match is None:
+            number = await self._create_ticket(tx, headers, from_address or t.mail_from, now)
+            rule = None
+            role = "customer"
+        else:
+            number, rule = match.ticket, match.rule
+            await tx.execute("UPDATE tickets SET updated_at = ? WHERE number = ?", (now, number))
+            role = "correspondent"
+        for address in senders:
+            await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, ?)",
+                             (number, address, role))
+        message = await self._insert_message(tx, number, t, data, headers, digest, now)
+        await add_event(tx, number, "message_received" if rule is None else "followup_received", {
+            "message": message, "message_id": headers.message_id, "mail_from": t.mail_from,
+            "listener": t.listener, "size": len(data), "threaded_by": rule}, at=now)
+        await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('route', ?, ?, ?)",
+                         (number, message, now))
+        return Accepted(self.ids.ref(number), number, threaded_by=rule)
+
+    async def _create_ticket(self, tx: Tx, headers: HeaderSummary, customer: str, now: float) -> int:
+        row = await tx.fetchone("SELECT max(number) FROM tickets")
+        number = max((row[0] or 0) + 1, self.config.tickets.first_number)
+        await tx.execute(
+            "INSERT INTO tickets (number, subject, customer, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (number, decoded_text(headers.subject), customer.lower(), now, now))
+        return number
+
+    async def _insert_message(self, tx: Tx, ticket: int | None, t: Transaction, data: bytes,
+                              headers: HeaderSummary, digest: str, now: float) -> int:
+        return await tx.execute(
+            "INSERT INTO messages (ticket, direction, listener, peer, mail_from, rcpt_to, message_id, digest, "
+            "size, raw, received_at) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ticket, t.listener, t.peer, t.mail_from, json.dumps(list(t.rcpt_tos)), headers.message_id,
+             digest, len(data), data, now))

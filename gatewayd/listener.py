@@ -1,0 +1,262 @@
+"""SMTP and LMTP listeners on aiosmtpd, created on the daemon's own event loop.
+
+What aiosmtpd leaves to us, and where it is done here:
+
+* recipient policy (no open relay), envelope address hygiene, the recipient
+  limit: :class:`SessionHandler` RCPT/MAIL hooks;
+* one reply line per accepted recipient in LMTP, on every path, and ``451``
+  instead of aiosmtpd's ``500 Error: (Type)`` leak: :meth:`SessionHandler.handle_DATA`
+  and :meth:`SessionHandler.handle_exception`;
+* connection limit, ``421`` on idle/DATA deadlines, PIPELINING and
+  ENHANCEDSTATUSCODES advertisement: :class:`_GatewayProtocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from .addresses import AddressError, has_control, parse_mailbox
+from .config import Config, ListenerConfig
+from .errors import StoreError, StoreFull
+from .intake import Intake, Refused, Transaction
+
+log = logging.getLogger("gatewayd.listener")
+
+_IDENT = "gatewayd ESMTP"
+
+
+@dataclass
+class ListenerStats:
+    """Live counters of one listener, read by metrics and health checks."""
+
+    active: int = 0
+    in_data: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class SessionHandler:
+    """aiosmtpd handler shared by every session of one listener."""
+
+    def __init__(self, listener: ListenerConfig, config: Config, intake: Intake, stats: ListenerStats,
+                 observe: Callable[[str, str, float], None] = lambda listener, outcome, seconds: None) -> None:
+        self.listener = listener
+        self.config = config
+        self.intake = intake
+        self.stats = stats
+        self._observe = observe
+        self._lmtp = listener.protocol == "lmtp"
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        keep = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        return keep + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if address != "<>":
+            reply = _address_problem(address, envelope.smtp_utf8, "sender")
+            if reply:
+                return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        reply = _address_problem(address, envelope.smtp_utf8, "recipient")
+        if reply:
+            return reply
+        if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if self.intake.recipient_kind(address) is None:
+            return "550 5.1.1 No such mailbox here (this gateway accepts mail for its support addresses only)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = time.monotonic()
+        transaction = Transaction(
+            listener=self.listener.name,
+            peer=_peer(session.peer),
+            mail_from="" if envelope.mail_from == "<>" else (envelope.mail_from or ""),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+        )
+        self.stats.in_data += 1
+        try:
+            reply, outcome, ticket = await self._commit(transaction)
+        finally:
+            self.stats.in_data -= 1
+        log.info("smtp transaction listener=%s peer=%s from=<%s> rcpts=%d size=%d outcome=%s ticket=%s reply=%r",
+                 self.listener.name, transaction.peer, transaction.mail_from, len(transaction.rcpt_tos),
+                 len(transaction.data), outcome, ticket or "-", reply)
+        self.stats.count(outcome)
+        self._observe(self.listener.name, outcome, time.monotonic() - started)
+        return self._per_recipient(reply, len(transaction.rcpt_tos))
+
+    async def _commit(self, transaction: Transaction) -> tuple[str, str, str | None]:
+        """``(reply, outcome, ticket)``; store trouble becomes a 4xx, never a 250 or a 5xx."""
+        try:
+            accepted = await self.intake.accept(transaction)
+        except Refused as refusal:
+            return refusal.reply, "refused", None
+        except StoreFull:
+            log.error("store full: answering 452 to %s", transaction.peer)
+            return "452 4.3.1 Insufficient system storage, try again later", "tempfail", None
+        except StoreError as exc:
+            log.error("store error during DATA from %s: %s", transaction.peer, exc)
+            return "451 4.3.0 Temporary local problem, try again later", "tempfail", None
+        ref = accepted.ticket or "bounce"
+        return f"250 2.0.0 Ok: queued as {ref}", "duplicate" if accepted.duplicate else "accepted", ref
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("unexpected error in %s session", self.listener.name, exc_info=error)
+        self.stats.count("error")
+        return "451 4.3.0 Temporary local problem, try again later"
+
+    def _per_recipient(self, reply: str, count: int) -> str:
+        """LMTP answers once per accepted recipient (RFC 2033 § 4.2); SMTP once."""
+        return "\r\n".join([reply] * count) if self._lmtp and count > 1 else reply
+
+
+def _address_problem(address: str, smtputf8: bool, role: str) -> str | None:
+    if has_control(address):
+        return "501 5.1.7 Bad address syntax: control characters" if role == "sender" \
+            else "553 5.1.3 Bad address syntax: control characters"
+    if not address.isascii() and not smtputf8:
+        return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter"
+    try:
+        parse_mailbox(address, utf8=smtputf8)
+    except AddressError:
+        return "553 5.1.3 Bad address syntax" if role == "recipient" else "501 5.1.7 Bad sender address syntax"
+    return None
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return f"{peer[0]}:{peer[1]}" if len(peer) > 1 else str(peer[0])
+    return str(peer or "local")
+
+
+class _Slots:
+    """Counts sessions of one listener against ``limits.max_connections``."""
+
+    def __init__(self, stats: ListenerStats, limit: int) -> None:
+        self.stats = stats
+        self.limit = limit
+
+    def acquire(self) -> bool:
+        if self.stats.active >= self.limit:
+            return False
+        self.stats.active += 1
+        return True
+
+    def release(self) -> None:
+        self.stats.active -= 1
+
+
+class _GatewayProtocol(SMTP):
+    """Adds the limits aiosmtpd leaves open; mixed into both SMTP and LMTP below."""
+
+    def __init__(self, handler: SessionHandler, *, slots: _Slots, data_timeout: float, line_limit: int,
+                 **kwargs: Any) -> None:
+        self.line_length_limit = line_limit
+        super().__init__(handler, **kwargs)
+        self._slots = slots
+        self._data_timeout = data_timeout
+
+    async def _handle_client(self) -> None:
+        if not self._slots.acquire():
+            log.warning("connection limit reached on %s; refusing %s",
+                        self.event_handler.listener.name, _peer(self.session.peer if self.session else None))
+            await self.push(f"421 4.7.0 {self.hostname} Too many connections, try again later")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            await super()._handle_client()
+        finally:
+            self._slots.release()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._reset_timeout(self._data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"421 4.4.2 {self.hostname} Timeout exceeded, closing connection\r\n".encode())
+        super()._timeout_cb()
+
+
+class GatewaySMTP(_GatewayProtocol):
+    pass
+
+
+class GatewayLMTP(_GatewayProtocol, LMTP):
+    pass
+
+
+def tls_context(listener: ListenerConfig) -> ssl.SSLContext | None:
+    if listener.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(listener.tls.cert_file), str(listener.tls.key_file))
+    return context
+
+
+def protocol_factory(listener: ListenerConfig, config: Config, handler: SessionHandler,
+                     stats: ListenerStats) -> Callable[[], SMTP]:
+    cls = GatewayLMTP if listener.protocol == "lmtp" else GatewaySMTP
+    slots = _Slots(stats, config.limits.max_connections)
+    context = tls_context(listener)
+    limits = config.limits
+
+    def build() -> SMTP:
+        return cls(handler, slots=slots, data_timeout=limits.data_timeout,
+                   line_limit=limits.max_line_length + 3,
+                   data_size_limit=limits.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+                   hostname=config.hostname, ident=_IDENT, tls_context=context, timeout=limits.idle_timeout,
+                   loop=asyncio.get_running_loop())
+    return build
+
+
+async def start_server(listener: ListenerConfig, factory: Callable[[], SMTP]) -> asyncio.base_events.Server:
+    """Binds one listener; unix sockets replace a stale socket file, never any other file.
+
+    asyncio's accept loop already survives EMFILE/ENFILE: it logs
+    "socket.accept() out of system resource" and retries a second later.
+    """
+    loop = asyncio.get_running_loop()
+    address = listener.address
+    if address.path is not None:
+        path = Path(address.path)
+        if path.is_socket():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = await loop.create_unix_server(factory, str(path))
+        os.chmod(path, 0o660)
+    else:
+        server = await loop.create_server(factory, address.host, address.port, reuse_address=True)
+    return server
+

@@ -1,0 +1,125 @@
+"""The outbox worker: every outgoing message leaves through here, at least once.
+
+Items are rows in the store; the worker sends what is due through the relay,
+``relay.concurrency`` at a time, and records each attempt in the same store.
+``4xx`` and network errors back off exponentially until ``retry.give_up``;
+``5xx`` fails the item at once. Failed items stay visible (``gatewayd queue
+list``) with the relay's reply, and every outcome is an event on the ticket.
+After a crash, anything not recorded as sent is sent again with the same
+Message-ID, so a duplicate at the agent's mailbox is recognisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .compose import assemble
+from .config import Config
+from .metrics import Metrics
+from .relay import SendResult, send
+from .store import OutboxItem, Store, Tx, add_event
+
+log = logging.getLogger("gatewayd.outbox")
+
+_IDLE_POLL = 5.0
+
+
+class Outbox:
+    def __init__(self, config: Config, store: Store, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(config.relay.concurrency)
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Something new is due: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._launch_due()
+                delay = await self._until_next_due()
+            except Exception:
+                log.exception("outbox scan failed; retrying in %.0fs", _IDLE_POLL)
+                delay = _IDLE_POLL
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self, grace: float) -> None:
+        """Stops launching deliveries and lets those in flight finish within ``grace`` seconds."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _launch_due(self) -> None:
+        free = self.config.relay.concurrency * 4 - len(self._inflight)
+        if free <= 0:
+            return
+        for item in await self.store.due_outbox(self.clock(), free + len(self._inflight)):
+            if item.id in self._inflight or self._stopping:
+                continue
+            task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"deliver-{item.id}")
+            self._inflight[item.id] = task
+
+    async def _until_next_due(self) -> float:
+        due = await self.store.next_outbox_due(excluding=tuple(self._inflight))
+        if due is None:
+            return _IDLE_POLL
+        return min(_IDLE_POLL, max(0.0, due - self.clock()))
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        try:
+            async with self._slots:
+                if self._stopping:
+                    return
+                head, raw = await self.store.outbox_parts(item.id)
+                content = head if raw is None else assemble(head, raw)
+                result = await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
+                self.metrics.delivery_attempt(item.kind, result.outcome)
+                await self.store.transact(lambda tx: self._record(tx, item, result))
+                log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
+                         item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome,
+                         result.reply)
+        except Exception:
+            log.exception("delivery of outbox item %d failed unexpectedly; it stays pending", item.id)
+        finally:
+            self._inflight.pop(item.id, None)
+            self._wake.set()
+
+    async def _record(self, tx: Tx, item: OutboxItem, result: SendResult) -> None:
+        now = self.clock()
+        attempts = item.attempts + 1
+        retry = self.config.relay.retry
+        detail = {"item": item.id, "kind": item.kind, "rcpt": item.rcpt, "attempt": attempts, "reply": result.reply}
+        if result.outcome == "sent":
+            state, kind, next_at = "sent", "delivered", now
+        elif result.outcome == "retry" and now - item.created_at < retry.give_up:
+            state, kind, next_at = "pending", "delivery_deferred", now + retry.delay(attempts)
+            detail["next_attempt_at"] = next_at
+        else:
+            state, kind, next_at = "failed", "delivery_failed", now
+            if result.outcome == "retry":
+                detail["gave_up_after"] = now - item.created_at
+        await tx.execute(
+            "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+            "WHERE id = ?",
+            (state, attempts, next_at, None if state == "sent" else result.reply, now, item.id))
+        await add_event(tx, item.ticket, kind, detail, at=now)

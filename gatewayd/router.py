@@ -1,0 +1,196 @@
+"""The routing worker: turns committed ``route`` work items into forwards.
+
+It runs after the ``250``, from work rows written in the intake transaction,
+so a slow or broken plugin can delay a forward but never lose a message or
+its acceptance. Each item is finished in one transaction: owner, event with
+the plugin trace, outbox row, work row marked done. A crash in between simply
+routes the item again on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .compose import forward_head
+from .config import Config
+from .dispatch import RoutingChain, RoutingResult, TraceStep
+from .ids import TicketIds
+from .message_view import message_view_from_bytes
+from .metrics import Metrics
+from .plugin import AgentView, MessageView, TicketView
+from .store import Store, TicketRecord, Tx, WorkItem, add_event
+
+log = logging.getLogger("gatewayd.router")
+
+_RETRY_AFTER_ERROR = 5.0
+
+
+class StorePluginState:
+    """Plugins' persistent state (e.g. round-robin position) kept in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def get(self, plugin: str, key: str) -> Any | None:
+        return await self._store.plugin_state_get(plugin, key)
+
+    async def set(self, plugin: str, key: str, value: Any) -> None:
+        await self._store.plugin_state_set(plugin, key, value)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one message went: an agent, or the supervisor when nobody was available."""
+
+    rcpt: str
+    agent: str | None
+    team: str | None
+    priority: str
+    summary: str
+    trace: tuple[TraceStep, ...]
+
+
+class Router:
+    def __init__(self, config: Config, store: Store, ids: TicketIds, chain: RoutingChain, metrics: Metrics,
+                 on_enqueued: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.store = store
+        self.ids = ids
+        self.chain = chain
+        self.metrics = metrics
+        self._on_enqueued = on_enqueued
+        self._wake = asyncio.Event()
+        self._state = StorePluginState(store)
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def reconfigure(self, config: Config, chain: RoutingChain) -> None:
+        """Takes a reloaded config; the next work item uses it."""
+        self.config = config
+        self.chain = chain
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            delay = 5.0
+            try:
+                for item in await self.store.pending_work(limit=100):
+                    if self._stopping:
+                        return
+                    await self.route(item)
+                if await self.store.pending_work(limit=1):
+                    continue
+            except Exception:
+                log.exception("routing failed; the work item stays queued and is retried")
+                delay = _RETRY_AFTER_ERROR
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def agents(self) -> list[AgentView]:
+        """Configured agents joined with their live state from the store."""
+        states = await self.store.agent_states()
+        views = []
+        for agent in self.config.agents:
+            state = states.get(agent.name)
+            views.append(AgentView(name=agent.name, address=agent.address, teams=agent.teams,
+                                   timezone=agent.timezone, away=bool(state and state.away),
+                                   open_tickets=state.open_tickets if state else 0))
+        return views
+
+    async def decide(self, ticket: TicketRecord, message: MessageView, followup: bool,
+                     *, persist_state: bool = True) -> Routed:
+        """Runs the chain (or keeps the owner of a follow-up) and says where the message goes."""
+        agents = await self.agents()
+        owner = next((a for a in agents if a.name == ticket.agent), None)
+        if followup and owner is not None and not owner.away:
+            step = TraceStep("owner", "pick", f"follow-up stays with the ticket's owner {owner.name}", 0.0)
+            return Routed(owner.address, owner.name, ticket.team, ticket.priority,
+                          f"owner -> {owner.name}", (step,))
+        view = TicketView(
+            id=self.ids.ref(ticket.number), subject=ticket.subject, customer=ticket.customer,
+            priority=ticket.priority, created_at=datetime.fromtimestamp(ticket.created_at, timezone.utc),
+            team=ticket.team, agent=ticket.agent, is_followup=followup,
+            customer_previous_agents=await self.store.customer_previous_agents(ticket.customer, ticket.number))
+        state = self._state if persist_state else _ReadOnlyState(self._state)
+        result: RoutingResult = await self.chain.route(view, message, agents, state)
+        if result.agent is not None:
+            address = next(a.address for a in agents if a.name == result.agent)
+            return Routed(address, result.agent, result.team, result.priority, result.summary, result.trace)
+        assert result.supervisor is not None
+        return Routed(result.supervisor, None, result.team, result.priority, result.summary, result.trace)
+
+    async def route(self, item: WorkItem) -> None:
+        ticket = await self.store.ticket(item.ticket)
+        record = await self.store.message(item.message) if item.message is not None else None
+        if ticket is None or record is None:
+            log.error("work item %d names a missing ticket or message; marking it done", item.id)
+            await self.store.transact(lambda tx: _done(tx, item.id))
+            return
+        raw = await self.store.message_raw(record.id)
+        message = await asyncio.to_thread(message_view_from_bytes, raw, record.mail_from, record.rcpt_to,
+                                          max_depth=self.config.limits.mime_depth)
+        followup = await self.store.first_message(ticket.number) != record.id
+        routed = await self.decide(ticket, message, followup)
+        message_id = self.ids.message_id(ticket.number)
+        head = forward_head(self.ids, ticket.number, raw, agent=routed.agent or "(supervisor)",
+                            message_id=message_id, route_summary=routed.summary)
+        now = time.time()
+
+        async def commit(tx: Tx) -> None:
+            if routed.agent is not None and routed.agent != ticket.agent:
+                await tx.execute("UPDATE tickets SET agent = ?, team = ?, priority = ?, updated_at = ? "
+                                 "WHERE number = ?", (routed.agent, routed.team, routed.priority, now, ticket.number))
+                await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, 'agent')",
+                                 (ticket.number, routed.rcpt.lower()))
+            elif routed.agent is None:
+                await tx.execute("UPDATE tickets SET team = ?, priority = ?, updated_at = ? WHERE number = ?",
+                                 (routed.team, routed.priority, now, ticket.number))
+            await add_event(tx, ticket.number, "routed" if routed.agent else "unroutable", {
+                "message": record.id, "agent": routed.agent, "team": routed.team, "priority": routed.priority,
+                "rcpt": routed.rcpt, "summary": routed.summary,
+                "trace": [{"plugin": s.plugin, "outcome": s.outcome, "reason": s.reason, "ms": s.ms}
+                          for s in routed.trace]}, at=now)
+            await tx.execute(
+                "INSERT INTO outbox (kind, ticket, message, agent, mail_from, rcpt, message_id, head, "
+                "next_attempt_at, created_at, updated_at) VALUES ('forward', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ticket.number, record.id, routed.agent, self.config.support.bounce_address, routed.rcpt,
+                 message_id, head, now, now, now))
+            await _done(tx, item.id, now)
+
+        await self.store.transact(commit)
+        if not followup and routed.team:
+            self.metrics.ticket_created(routed.team)
+        log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
+                 routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
+        self._on_enqueued()
+
+
+class _ReadOnlyState:
+    """State for ``route --explain``: reads the real state, drops every write."""
+
+    def __init__(self, inner: StorePluginState) -> None:
+        self._inner = inner
+
+    async def get(self, plugin: str, key: str) -> Any | None:
+        return await self._inner.get(plugin, key)
+
+    async def set(self, plugin: str, key: str, value: Any) -> None:
+        return None
+
+
+async def _done(tx: Tx, work: int, now: float | None = None) -> None:
+    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now or time.time(), work))

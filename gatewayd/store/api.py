@@ -1,0 +1,220 @@
+"""The store's domain operations: typed records in, typed records out.
+
+SQL that belongs to one decision (intake's threading, the outbox's state
+machine) lives beside that decision as a :class:`Tx` job; what many parts read
+(tickets, events, the outbox listing, agent state) lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Database, Tx
+
+
+@dataclass(frozen=True)
+class TicketRecord:
+    number: int
+    subject: str
+    customer: str
+    status: str
+    priority: str
+    team: str | None
+    agent: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    ticket: int | None
+    at: float
+    kind: str
+    actor: str | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: int
+    ticket: int | None
+    direction: str
+    listener: str | None
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    message_id: str | None
+    size: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    kind: str
+    ticket: int | None
+    message: int | None
+    agent: str | None
+    mail_from: str
+    rcpt: str
+    message_id: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    id: int
+    kind: str
+    ticket: int
+    message: int | None
+
+
+@dataclass(frozen=True)
+class AgentState:
+    away: bool
+    open_tickets: int
+    reason: str | None = None
+
+
+_TICKET_COLUMNS = "number, subject, customer, status, priority, team, agent, created_at, updated_at"
+_OUTBOX_COLUMNS = ("id, kind, ticket, message, agent, mail_from, rcpt, message_id, state, attempts, "
+                   "next_attempt_at, last_error, created_at")
+
+
+def _message_records(rows: list[Any]) -> list[MessageRecord]:
+    return [MessageRecord(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], r[7], r[8]) for r in rows]
+
+
+async def add_event(tx: Tx, ticket: int | None, kind: str, detail: dict[str, Any] | None = None,
+                    actor: str | None = None, at: float | None = None) -> int:
+    """Appends to the audit trail; every state change of a ticket writes one."""
+    return await tx.execute(
+        "INSERT INTO events (ticket, at, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
+        (ticket, at if at is not None else time.time(), kind, actor,
+         json.dumps(detail or {}, sort_keys=True, ensure_ascii=False)),
+    )
+
+
+class Store(Database):
+    """The gatewayd store. ``await Store.open(path)`` creates or upgrades it."""
+
+    async def ticket(self, number: int) -> TicketRecord | None:
+        row = await self.fetchone(f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE number = ?", (number,))
+        return TicketRecord(*row) if row else None
+
+    async def tickets(self, *, open_only: bool = False, limit: int = 1000) -> list[TicketRecord]:
+        where = "WHERE status = 'open'" if open_only else ""
+        rows = await self.fetchall(
+            f"SELECT {_TICKET_COLUMNS} FROM tickets {where} ORDER BY number DESC LIMIT ?", (limit,))
+        return [TicketRecord(*row) for row in rows]
+
+    async def events(self, ticket: int) -> list[EventRecord]:
+        rows = await self.fetchall(
+            "SELECT id, ticket, at, kind, actor, detail FROM events WHERE ticket = ? ORDER BY id", (ticket,))
+        return [EventRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    async def messages(self, ticket: int) -> list[MessageRecord]:
+        rows = await self.fetchall(
+            "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at "
+            "FROM messages WHERE ticket = ? ORDER BY id", (ticket,))
+        return _message_records(rows)
+
+    async def message(self, message: int) -> MessageRecord | None:
+        rows = await self.fetchall(
+            "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at "
+            "FROM messages WHERE id = ?", (message,))
+        return _message_records(rows)[0] if rows else None
+
+    async def first_message(self, ticket: int) -> int | None:
+        row = await self.fetchone("SELECT min(id) FROM messages WHERE ticket = ?", (ticket,))
+        return row[0] if row else None
+
+    async def message_raw(self, message: int) -> bytes:
+        row = await self.fetchone("SELECT raw FROM messages WHERE id = ?", (message,))
+        if row is None:
+            raise KeyError(f"message {message} is not in the store")
+        return bytes(row[0])
+
+    async def outbox(self, *, states: tuple[str, ...] = ("pending", "failed"),
+                     limit: int = 1000) -> list[OutboxItem]:
+        marks = ",".join("?" * len(states))
+        rows = await self.fetchall(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state IN ({marks}) ORDER BY id LIMIT ?",
+            (*states, limit))
+        return [OutboxItem(*row) for row in rows]
+
+    async def outbox_item(self, item: int) -> OutboxItem | None:
+        row = await self.fetchone(f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item,))
+        return OutboxItem(*row) if row else None
+
+    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+        rows = await self.fetchall(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, id LIMIT ?", (now, limit))
+        return [OutboxItem(*row) for row in rows]
+
+    async def next_outbox_due(self, excluding: Collection[int] = ()) -> float | None:
+        marks = ",".join("?" * len(excluding))
+        row = await self.fetchone(
+            f"SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' AND id NOT IN ({marks})",
+            tuple(excluding))
+        return row[0] if row else None
+
+    async def outbox_parts(self, item: int) -> tuple[bytes, bytes | None]:
+        """gatewayd's head and the raw bytes of the message it forwards (None when head is all)."""
+        row = await self.fetchone(
+            "SELECT o.head, m.raw FROM outbox o LEFT JOIN messages m ON m.id = o.message WHERE o.id = ?", (item,))
+        if row is None:
+            raise KeyError(f"outbox item {item} is not in the store")
+        return bytes(row[0]), (bytes(row[1]) if row[1] is not None else None)
+
+    async def pending_work(self, limit: int = 100) -> list[WorkItem]:
+        rows = await self.fetchall(
+            "SELECT id, kind, ticket, message FROM work WHERE done_at IS NULL ORDER BY id LIMIT ?", (limit,))
+        return [WorkItem(*row) for row in rows]
+
+    async def agent_states(self) -> dict[str, AgentState]:
+        """Away flags and open-ticket counts for every agent the store knows of."""
+        load = {r[0]: r[1] for r in await self.fetchall(
+            "SELECT agent, count(*) FROM tickets WHERE status = 'open' AND agent IS NOT NULL GROUP BY agent")}
+        flags = {r[0]: (bool(r[1]), r[2]) for r in await self.fetchall(
+            "SELECT name, away, reason FROM agent_state")}
+        return {name: AgentState(away=flags.get(name, (False, None))[0], open_tickets=load.get(name, 0),
+                                 reason=flags.get(name, (False, None))[1])
+                for name in set(load) | set(flags)}
+
+    async def set_agent_away(self, name: str, away: bool, reason: str) -> None:
+        async def write(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO agent_state (name, away, reason, changed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET away = excluded.away, reason = excluded.reason, "
+                "changed_at = excluded.changed_at", (name, int(away), reason, time.time()))
+            await add_event(tx, None, "agent_away" if away else "agent_back", {"agent": name, "reason": reason})
+        await self.transact(write)
+
+    async def customer_previous_agents(self, customer: str, exclude: int) -> tuple[str, ...]:
+        rows = await self.fetchall(
+            "SELECT agent FROM tickets WHERE customer = ? AND number != ? AND agent IS NOT NULL "
+            "GROUP BY agent ORDER BY max(number) DESC", (customer, exclude))
+        return tuple(r[0] for r in rows)
+
+    async def plugin_state_get(self, plugin: str, key: str) -> Any | None:
+        row = await self.fetchone("SELECT value FROM plugin_state WHERE plugin = ? AND key = ?", (plugin, key))
+        return json.loads(row[0]) if row else None
+
+    async def plugin_state_set(self, plugin: str, key: str, value: Any) -> None:
+        encoded = json.dumps(value, sort_keys=True)
+
+        async def write(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value", (plugin, key, encoded))
+        await self.transact(write)
