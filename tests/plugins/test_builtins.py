@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
+from gatewayd.config import loads
+from gatewayd.discovery import load_chain
 from gatewayd.testing import (FakeClock, MemoryStateStore, build_chain, make_agent, make_agents, make_message,
                               make_ticket, run_chain)
+
+from routing_fixtures import BASE_CONFIG
 
 THREE = make_agents("alice", "bob", "carol")
 TEAMS = {"support": "lead@example.test", "security": "ciso@example.test"}
@@ -178,3 +183,11 @@ async def test_example_chain_with_all_six(state):
     assert result.team == "security" and result.agent == "sam" and result.decided_by == "round_robin"
     assert [s.plugin for s in trace] == ["rules", "sticky", "schedule", "capacity", "round_robin"]
     assert isinstance(state, MemoryStateStore) and await state.get("round_robin", "last:security") == "sam"
+
+
+def test_shipped_routing_example_loads():
+    example = (Path(__file__).resolve().parents[2] / "docs" / "routing-example.yaml").read_text()
+    config = loads(BASE_CONFIG.replace("fallback: {team: support}\n", "") + example, "routing-example.yaml")
+    chain = load_chain(config)
+    assert [link.name for link in chain.links] == ["rules", "sticky", "schedule", "capacity", "round_robin"]
+    assert chain.links[-1].timeout == 0.5
