@@ -42,6 +42,7 @@ from .plugin import API_VERSION, OptionError, Options
 __all__ = ["load_chain", "build_chain", "PluginSpec", "PluginRegistry", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "gatewayd.plugins"
+_TOP_KEY = re.compile(r"^[^.\[]+")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -225,7 +226,7 @@ def _instantiate(spec: PluginSpec, label: str, options: dict[str, Any], registry
         reader.finish()
     except OptionError as exc:
         for item in exc.problems:
-            key = Options.top_key(item.option)
+            key = _top_key(item.option)
             path = f"{spec.path}.{item.option}" if item.option else spec.path
             issues.append(ConfigIssue(file, spec.option_lines.get(key) or spec.line, path,
                                       item.message))
@@ -235,6 +236,12 @@ def _instantiate(spec: PluginSpec, label: str, options: dict[str, Any], registry
                                   f"plugin {label!r} failed to start: {type(exc).__name__}: {exc}"))
         return None
     return Link(name=label, plugin=instance, timeout=spec.timeout or DEFAULT_TIMEOUT)
+
+
+def _top_key(option: str) -> str:
+    """``rules`` for ``rules[0].match``: the entry key whose line locates a problem."""
+    match = _TOP_KEY.match(option)
+    return match.group(0) if match else ""
 
 
 def plugin_directories(config: Config) -> tuple[Path, ...]:

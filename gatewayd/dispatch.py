@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .plugin import AgentView, Decision, MessageView, PluginContext, PluginState, PluginStateStore, TicketView
@@ -142,7 +142,7 @@ class RoutingChain:
         self.supervisors = dict(supervisors)
         self.fallback_team = fallback_team
         self.observer = observer
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._monotonic = monotonic
         self._max_failures = max_failures
         self._cooldown = cooldown

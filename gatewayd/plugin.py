@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -253,9 +252,6 @@ class OptionError(Exception):
         super().__init__("; ".join(str(p) for p in self.problems))
 
 
-_TOP_KEY = re.compile(r"^[^.\[]+")
-
-
 class Options:
     """Reads a routing entry's options and collects every problem instead of stopping at the first.
 
@@ -376,12 +372,6 @@ class Options:
                 problems.append(OptionProblem(str(key), f"unknown option{hint}"))
         if problems:
             raise OptionError(problems=problems)
-
-    @staticmethod
-    def top_key(option: str) -> str:
-        """``rules`` for ``rules[0].match``: the entry key whose line locates a problem."""
-        match = _TOP_KEY.match(option)
-        return match.group(0) if match else ""
 
 
 def _kind(value: Any) -> str:

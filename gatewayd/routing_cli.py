@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,7 +88,7 @@ def explain(args: argparse.Namespace, config: Config, out: TextIO = sys.stdout) 
 
 async def _explain(config: Config, message: MessageView) -> RoutingResult:
     chain = load_chain(config)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     store = await open_store(config.store.path) if Path(config.store.path).exists() else None
     try:
         states = await store.agent_states() if store is not None else {}
@@ -147,12 +147,12 @@ def agents_list(args: argparse.Namespace, config: Config, out: TextIO = sys.stdo
             return {}
         store = await open_store(config.store.path)
         try:
-            return await store.agent_states()
+            return dict(await store.agent_states())
         finally:
             await store.close()
 
     states = asyncio.run(read())
-    rows = [{"name": a.name, "address": a.address, "teams": list(a.teams), "away": bool(s and s.away),
+    rows: list[dict[str, Any]] = [{"name": a.name, "address": a.address, "teams": list(a.teams), "away": bool(s and s.away),
              "reason": getattr(s, "reason", None) if s and s.away else None,
              "open_tickets": s.open_tickets if s else 0}
             for a in config.agents for s in [states.get(a.name)]]
@@ -173,8 +173,8 @@ def _status(row: dict[str, Any]) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n"
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
                    for row in [header, *rows])
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .discovery import PluginRegistry, PluginSpec, build_chain as _build_chain
+from .discovery import PluginRegistry, PluginSpec
+from .discovery import build_chain as _build_chain
 from .dispatch import RoutingChain, RoutingResult, TraceStep
 from .message_view import message_view_from_bytes
 from .plugin import AgentView, MessageView, TicketView
@@ -34,14 +35,15 @@ __all__ = [
     "EPOCH",
 ]
 
-EPOCH = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+EPOCH = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 """A Monday noon UTC: the default 'now' of the kit, so tests never depend on the real date."""
 
 ChainItem = str | type | tuple[str | type, Mapping[str, Any]]
 
 
 def make_message(*, subject: str = "Help needed", body: str = "", sender: str = "customer@example.test",
-                 to: Sequence[str] = ("support@example.test",), headers: Mapping[str, str | Sequence[str]] | None = None,
+                 to: Sequence[str] = ("support@example.test",),
+                 headers: Mapping[str, str | Sequence[str]] | None = None,
                  mail_from: str | None = None) -> MessageView:
     """A MessageView from its parts, without building MIME; header names are case-insensitive."""
     collected: dict[str, tuple[str, ...]] = {"subject": (subject,), "from": (sender,), "to": (", ".join(to),)}
@@ -139,7 +141,7 @@ class FakeClock:
 
 
 def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 @dataclass

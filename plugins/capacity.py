@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gatewayd.plugin import (API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext,
-                             TicketView)
+from gatewayd.plugin import API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext, TicketView
 
 
 class Capacity(Plugin):

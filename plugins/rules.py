@@ -27,8 +27,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd.plugin import (API_VERSION, PRIORITIES, AgentView, Decision, MessageView, Options, Plugin,
-                             PluginContext, TicketView)
+from gatewayd.plugin import (
+    API_VERSION,
+    PRIORITIES,
+    AgentView,
+    Decision,
+    MessageView,
+    Options,
+    Plugin,
+    PluginContext,
+    TicketView,
+)
 
 _TEXT_KEYS = ("subject", "body", "from", "to")
 _MATCH_KEYS = (*_TEXT_KEYS, "header", "keywords")

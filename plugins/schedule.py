@@ -27,12 +27,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gatewayd.plugin import (API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext,
-                             TicketView)
+from gatewayd.plugin import API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext, TicketView
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _RANGE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
@@ -79,7 +78,7 @@ class Schedule(Plugin):
         """Whether ``agent`` works at ``now``, judged in the agent's own time zone."""
         own = self.agents.get(agent.name, Calendar())
         team_cal = self.teams.get(team, Calendar())
-        zone = _zone(agent.timezone) or own.zone or team_cal.zone or self.default.zone or timezone.utc
+        zone = _zone(agent.timezone) or own.zone or team_cal.zone or self.default.zone or UTC
         local = now.astimezone(zone)
         holidays = own.holidays | team_cal.holidays | self.default.holidays
         if local.date() in holidays:

@@ -12,8 +12,7 @@ Options::
 
 from __future__ import annotations
 
-from gatewayd.plugin import (API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext,
-                             TicketView)
+from gatewayd.plugin import API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext, TicketView
 
 
 class Sticky(Plugin):

@@ -7,10 +7,17 @@ from pathlib import Path
 
 from gatewayd.config import loads
 from gatewayd.discovery import load_chain
-from gatewayd.testing import (FakeClock, MemoryStateStore, build_chain, make_agent, make_agents, make_message,
-                              make_ticket, run_chain)
-
-from routing_fixtures import BASE_CONFIG
+from gatewayd.testing import (
+    FakeClock,
+    MemoryStateStore,
+    build_chain,
+    make_agent,
+    make_agents,
+    make_message,
+    make_ticket,
+    run_chain,
+)
+from tests.plugins.routing_fixtures import BASE_CONFIG
 
 THREE = make_agents("alice", "bob", "carol")
 TEAMS = {"support": "lead@example.test", "security": "ciso@example.test"}
@@ -44,7 +51,8 @@ async def test_round_robin_skips_away_agents(state):
 
 
 async def test_least_loaded_with_deterministic_ties():
-    agents = (make_agent("carol", open_tickets=1), make_agent("bob", open_tickets=1), make_agent("alice", open_tickets=4))
+    agents = (make_agent("carol", open_tickets=1), make_agent("bob", open_tickets=1),
+              make_agent("alice", open_tickets=4))
     result, trace = await run_chain(["least_loaded"], agents=agents)
     assert result.agent == "bob" and "fewest open tickets (1)" in trace[0].reason
 
@@ -112,7 +120,8 @@ async def test_sticky_returning_customer_gets_previous_available_agent():
 
 
 async def test_capacity_excludes_full_agents():
-    agents = (make_agent("alice", open_tickets=5), make_agent("bob", open_tickets=2), make_agent("carol", open_tickets=3))
+    agents = (make_agent("alice", open_tickets=5), make_agent("bob", open_tickets=2),
+              make_agent("carol", open_tickets=3))
     options = {"max_open": 5, "agents": {"bob": 2}}
     result, trace = await run_chain([("capacity", options), "round_robin"], agents=agents)
     assert result.agent == "carol"

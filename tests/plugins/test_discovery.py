@@ -10,8 +10,7 @@ import pytest
 from gatewayd.discovery import load_chain
 from gatewayd.errors import ConfigError
 from gatewayd.testing import MemoryStateStore, RecordingObserver, make_agents, make_message, make_ticket
-
-from routing_fixtures import BASE_CONFIG, make_config
+from tests.plugins.routing_fixtures import BASE_CONFIG, make_config
 
 ROUTING_LINE = BASE_CONFIG.count("\n") + 2
 

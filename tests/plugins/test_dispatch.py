@@ -9,8 +9,16 @@ import pytest
 
 from gatewayd.dispatch import RoutingChain
 from gatewayd.plugin import API_VERSION, Decision, Plugin
-from gatewayd.testing import (FakeClock, MemoryStateStore, RecordingObserver, build_chain, make_agent,
-                              make_agents, make_ticket, run_chain)
+from gatewayd.testing import (
+    FakeClock,
+    MemoryStateStore,
+    RecordingObserver,
+    build_chain,
+    make_agent,
+    make_agents,
+    make_ticket,
+    run_chain,
+)
 
 
 class PickFirst(Plugin):

@@ -19,6 +19,7 @@ import pytest
 
 from gatewayd import plugin as plugin_api
 from gatewayd import testing
+from gatewayd.plugin import Decision, PluginContext
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 _BLOCK = re.compile(r"^```python signature\n(.*?)^```", re.MULTILINE | re.DOTALL)

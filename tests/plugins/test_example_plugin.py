@@ -20,8 +20,7 @@ import pytest
 from gatewayd.discovery import load_chain
 from gatewayd.errors import ConfigError
 from gatewayd.testing import MemoryStateStore, make_agent, make_message, make_ticket, run_chain
-
-from routing_fixtures import make_config
+from tests.plugins.routing_fixtures import make_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vip_router"
 

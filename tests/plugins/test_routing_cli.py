@@ -13,8 +13,7 @@ import pytest
 from gatewayd import routing_cli
 from gatewayd.config import loads
 from gatewayd.store import Store
-
-from routing_fixtures import BASE_CONFIG
+from tests.plugins.routing_fixtures import BASE_CONFIG
 
 ROUTING = """\
 routing:

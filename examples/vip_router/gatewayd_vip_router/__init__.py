@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from gatewayd.plugin import (API_VERSION, PRIORITIES, AgentView, Decision, MessageView, Options, Plugin,
-                             PluginContext, TicketView)
+from gatewayd.plugin import (
+    API_VERSION,
+    PRIORITIES,
+    AgentView,
+    Decision,
+    MessageView,
+    Options,
+    Plugin,
+    PluginContext,
+    TicketView,
+)
 
 __all__ = ["VipRouter"]
 

@@ -1,0 +1,1 @@
+"""Tests of the routing plugin API, dispatcher, built-ins and author kit."""
