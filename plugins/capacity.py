@@ -38,7 +38,8 @@ class Capacity(Plugin):
               candidates: tuple[AgentView, ...]) -> Decision:
         full = [a for a in candidates if a.open_tickets >= self.limit(a.name)]
         if not full:
-            return Decision.abstain(f"all {len(candidates)} candidates below capacity")
+            return Decision.abstain("the only candidate is below capacity" if len(candidates) == 1
+                                    else f"all {len(candidates)} candidates below capacity")
         described = ", ".join(f"{a.name} ({a.open_tickets}/{self.limit(a.name)})" for a in full)
         return Decision.narrow(f"at capacity: {described}",
                                agents=[a.name for a in candidates if a not in full])

@@ -102,7 +102,8 @@ class Schedule(Plugin):
         duties = {a.name: self.duty(a, context.team, now) for a in candidates}
         on_duty = [name for name, duty in duties.items() if duty.on]
         if len(on_duty) == len(candidates):
-            return Decision.abstain(f"all {len(candidates)} candidates on duty")
+            return Decision.abstain("the only candidate is on duty" if len(candidates) == 1
+                                    else f"all {len(candidates)} candidates on duty")
         off = "; ".join(f"{name}: {duty.why}" for name, duty in duties.items() if not duty.on)
         if on_duty:
             return Decision.narrow(f"on duty: {', '.join(on_duty)} (off: {off})", agents=on_duty)
