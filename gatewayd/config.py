@@ -240,7 +240,8 @@ class _Reader:
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+            parent = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+            path = "" if parent == path else parent
         return self.lines.get("")
 
     def error(self, path: str, message: str) -> None:
@@ -265,10 +266,11 @@ class _Reader:
                 self.error(sub, f"unknown key (expected one of: {hint})")
 
     def value(self, mapping: Mapping[str, Any], key: str, path: str, convert: Callable[[Any], T],
-              default: T | _Missing = MISSING) -> T | Any:
+              default: T | _Missing = MISSING, *, required: bool = False) -> T | Any:
+        """The converted value of ``key``; a missing key is an error when there is no default or ``required``."""
         raw = mapping.get(key, MISSING)
         if raw is MISSING or raw is None:
-            if default is MISSING:
+            if default is MISSING or required:
                 self.error(path, "is required")
             return default
         try:
@@ -283,23 +285,37 @@ def _kind(value: Any) -> str:
             float: "a number", bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
-def _line_map(node: yaml.Node, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Maps key paths such as ``listeners[0].address`` to 1-based line numbers."""
+def _line_map(node: yaml.Node, path: str = "", out: dict[str, int] | None = None,
+              seen: set[int] | None = None) -> dict[str, int]:
+    """Maps key paths such as ``listeners[0].address`` to 1-based line numbers.
+
+    A node reached again through a YAML alias is not walked twice, so recursive
+    or exponentially aliased documents cannot hang the loader.
+    """
     out = {} if out is None else out
+    seen = set() if seen is None else seen
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
             out[sub] = key_node.start_mark.line + 1
-            _line_map(value_node, sub, out)
+            _line_map(value_node, sub, out, seen)
             out[sub] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, f"{path}[{i}]", out)
+            _line_map(item, f"{path}[{i}]", out, seen)
     return out
 
 
-def _duplicate_keys(node: yaml.Node, file: str, path: str = "") -> Iterator[ConfigIssue]:
+def _duplicate_keys(node: yaml.Node, file: str, path: str = "",
+                    seen: set[int] | None = None) -> Iterator[ConfigIssue]:
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
@@ -307,10 +323,10 @@ def _duplicate_keys(node: yaml.Node, file: str, path: str = "") -> Iterator[Conf
             if key_node.value in seen:
                 yield ConfigIssue(file, key_node.start_mark.line + 1, sub, "duplicate key")
             seen.add(key_node.value)
-            yield from _duplicate_keys(value_node, file, sub)
+            yield from _duplicate_keys(value_node, file, sub, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, file, f"{path}[{i}]")
+            yield from _duplicate_keys(item, file, f"{path}[{i}]", seen)
 
 
 # --------------------------------------------------------------------------- converters
@@ -428,26 +444,50 @@ def load(path: str | Path) -> Config:
     return loads(text, name, source)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader without implicit timestamps: a config never holds dates, and an
+    impossible one (``2001-02-30``) must become a located error, not a traceback."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml_issue(name: str, exc: Exception, what: str) -> ConfigIssue:
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigIssue(name, line, "", f"{what}: {problem}")
+
+
 def loads(text: str, name: str = "<config>", source: Path | None = None) -> Config:
+    """Validates config ``text`` (``name`` labels its errors); raises :class:`ConfigError` listing every problem."""
+    loader = _ConfigLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue(name, line, "", f"YAML syntax error: {problem}")]) from None
-    if node is None:
-        raise ConfigError([ConfigIssue(name, 1, "", "the file is empty")])
-    duplicates = list(_duplicate_keys(node, name))
-    if duplicates:
-        raise ConfigError(duplicates)
-    data = yaml.SafeLoader(text).get_single_data()
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            raise ConfigError([_yaml_issue(name, exc, "YAML syntax error")]) from None
+        if node is None:
+            raise ConfigError([ConfigIssue(name, 1, "", "the file is empty")])
+        issues = list(_duplicate_keys(node, name))
+        try:
+            data = loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            raise ConfigError([*issues, _yaml_issue(name, exc, "YAML value error")]) from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ConfigError([*issues, ConfigIssue(name, None, "", f"YAML value error: {exc}")]) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(name, 1, "", "the top level must be a mapping of keys")])
+        raise ConfigError([*issues, ConfigIssue(name, 1, "", "the top level must be a mapping of keys")])
     reader = _Reader(name, data, _line_map(node))
     config = _build(reader, data, source or Path(name))
-    if reader.issues:
-        raise ConfigError(reader.issues)
+    issues.extend(reader.issues)
+    if issues:
+        raise ConfigError(sorted(issues, key=lambda issue: issue.line or 0))
     assert config is not None
     return config
 
@@ -561,8 +601,8 @@ def _listeners(r: _Reader, data: Mapping[str, Any]) -> tuple[ListenerConfig, ...
     names: set[str] = set()
     for path, item in _items(r, data, "listeners", required=True):
         r.unknown(item, path, {"protocol", "address", "name", "tls"})
-        protocol = r.value(item, "protocol", f"{path}.protocol", _choice("smtp", "lmtp"), None)
-        endpoint = r.value(item, "address", f"{path}.address", parse_endpoint, None)
+        protocol = r.value(item, "protocol", f"{path}.protocol", _choice("smtp", "lmtp"), None, required=True)
+        endpoint = r.value(item, "address", f"{path}.address", parse_endpoint, None, required=True)
         tls = None
         tls_raw = r.section(item, "tls", f"{path}.tls", {"cert_file", "key_file"})
         if tls_raw:
@@ -592,7 +632,7 @@ def _support(r: _Reader, data: Mapping[str, Any]) -> SupportConfig:
     if isinstance(raw, list) and raw:
         checked = []
         for i, item in enumerate(raw):
-            value = r.value({"a": item}, "a", f"support.addresses[{i}]", _address, None)
+            value = r.value({"a": item}, "a", f"support.addresses[{i}]", _address, None, required=True)
             if value:
                 checked.append(value.lower())
         addresses = tuple(checked)
@@ -634,8 +674,8 @@ def _teams(r: _Reader, data: Mapping[str, Any]) -> tuple[TeamConfig, ...]:
     teams: list[TeamConfig] = []
     for path, item in _items(r, data, "teams", required=True):
         r.unknown(item, path, {"name", "supervisor"})
-        name = r.value(item, "name", f"{path}.name", _name, None)
-        supervisor = r.value(item, "supervisor", f"{path}.supervisor", _address, None)
+        name = r.value(item, "name", f"{path}.name", _name, None, required=True)
+        supervisor = r.value(item, "supervisor", f"{path}.supervisor", _address, None, required=True)
         if name in {t.name for t in teams}:
             r.error(f"{path}.name", f"team {name!r} is defined twice")
         elif name and supervisor:
@@ -647,8 +687,8 @@ def _agents(r: _Reader, data: Mapping[str, Any], team_names: set[str]) -> tuple[
     agents: list[AgentConfig] = []
     for path, item in _items(r, data, "agents", required=True):
         r.unknown(item, path, {"name", "address", "teams", "timezone"})
-        name = r.value(item, "name", f"{path}.name", _name, None)
-        address = r.value(item, "address", f"{path}.address", _address, None)
+        name = r.value(item, "name", f"{path}.name", _name, None, required=True)
+        address = r.value(item, "address", f"{path}.address", _address, None, required=True)
         teams = r.value(item, "teams", f"{path}.teams", lambda v: tuple(_name(t) for t in _list(v)), ())
         for team in teams:
             if team_names and team not in team_names:
@@ -676,7 +716,7 @@ def _routing(r: _Reader, data: Mapping[str, Any]) -> tuple[RoutingEntry, ...]:
     entries: list[RoutingEntry] = []
     for path, item in _items(r, data, "routing", required=False):
         index = int(path[len("routing["):-1])
-        plugin = r.value(item, "plugin", f"{path}.plugin", _name, None)
+        plugin = r.value(item, "plugin", f"{path}.plugin", _name, None, required=True)
         timeout = r.value(item, "timeout", f"{path}.timeout", _positive_duration, None)
         options = {k: v for k, v in item.items() if k not in {"plugin", "timeout"}}
         option_lines = {k: r.line(f"{path}.{k}") or 0 for k in options}
