@@ -190,11 +190,22 @@ class Database:
             return
         tx = Tx(db)
         try:
-            for job in batch:
+            for index, job in enumerate(batch):
                 await db.execute("SAVEPOINT job")
                 try:
                     result = await job.work(tx)
                 except Exception as exc:
+                    if not db.in_transaction:
+                        # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error):
+                        # there is no savepoint left to roll back to, and the jobs before
+                        # this one were undone with it. They fail with this job's error;
+                        # the jobs after it have not run yet and get a batch of their own.
+                        error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
+                        log.error("store transaction aborted: %s", error)
+                        _fail(batch[: index + 1], error)
+                        if index + 1 < len(batch):
+                            await self._run_batch(batch[index + 1:])
+                        return
                     await db.execute("ROLLBACK TO job")
                     await db.execute("RELEASE job")
                     outcomes.append((job, None, exc))

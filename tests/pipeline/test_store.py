@@ -1,0 +1,310 @@
+"""The SQLite store: durable, upgradeable, batched, and honest about failure.
+
+All tests use real SQLite files under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from gatewayd.errors import StoreCorrupt, StoreFull, StoreUnavailable
+from gatewayd.store import Store, Tx
+from gatewayd.store.schema import LATEST, MIGRATIONS
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def build_v1_store(path: Path) -> None:
+    """A store exactly as the first released schema left it, with one ticket in it."""
+    with sqlite3.connect(path) as db:
+        for statement in _statements(MIGRATIONS[0]):
+            db.execute(statement)
+        db.execute("INSERT INTO tickets (number, subject, customer, created_at, updated_at) "
+                   "VALUES (1000, 'printer on fire', 'carol@example.org', 1.0, 2.0)")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    db.close()
+    return version
+
+
+def table_names(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    return names
+
+
+async def insert_probe(tx: Tx, label: str) -> int:
+    return await tx.execute(
+        "INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, ?, 'probe', ?, '{}')",
+        (time.time(), label))
+
+
+async def probe_labels(store: Store) -> list[str]:
+    rows = await store.fetchall("SELECT actor FROM events WHERE kind = 'probe' ORDER BY id")
+    return [row[0] for row in rows]
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    opened = await Store.open(tmp_path / "gatewayd.sqlite3")
+    yield opened
+    await opened.close()
+
+
+# --------------------------------------------------------------------------- opening and migrating
+
+
+class TestOpening:
+    async def test_a_new_store_is_created_at_the_latest_schema(self, tmp_path: Path) -> None:
+        path = tmp_path / "var" / "new" / "gatewayd.sqlite3"
+        store = await Store.open(path)
+        await store.close()
+        assert user_version(path) == LATEST
+        assert {"tickets", "messages", "events", "work", "outbox", "agent_state", "plugin_state"} <= table_names(path)
+
+    async def test_an_older_store_is_upgraded_and_keeps_its_data(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.sqlite3"
+        build_v1_store(path)
+        assert "agent_state" not in table_names(path)
+
+        store = await Store.open(path)
+        try:
+            ticket = await store.ticket(1000)
+            await store.set_agent_away("alice", True, "holiday")
+            states = await store.agent_states()
+        finally:
+            await store.close()
+
+        assert user_version(path) == LATEST
+        assert ticket is not None and ticket.subject == "printer on fire"
+        assert ticket.customer == "carol@example.org"
+        assert {"agent_state", "plugin_state"} <= table_names(path)
+        assert states["alice"].away is True
+
+    async def test_reopening_a_current_store_changes_nothing(self, tmp_path: Path) -> None:
+        path = tmp_path / "gatewayd.sqlite3"
+        store = await Store.open(path)
+        await store.transact(lambda tx: insert_probe(tx, "kept"))
+        await store.close()
+        store = await Store.open(path, check=True)
+        try:
+            assert await probe_labels(store) == ["kept"]
+        finally:
+            await store.close()
+        assert user_version(path) == LATEST
+
+    async def test_a_corrupt_file_is_refused_by_name_and_left_untouched(self, tmp_path: Path) -> None:
+        path = tmp_path / "gatewayd.sqlite3"
+        garbage = os.urandom(8192)
+        path.write_bytes(garbage)
+        with pytest.raises(StoreCorrupt) as caught:
+            await Store.open(path)
+        assert str(path) in str(caught.value)
+        assert path.read_bytes() == garbage
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gatewayd.sqlite3"]
+
+    async def test_damaged_pages_are_found_by_the_start_up_check(self, tmp_path: Path) -> None:
+        path = tmp_path / "gatewayd.sqlite3"
+        store = await Store.open(path)
+        for n in range(20):
+            await store.transact(lambda tx, n=n: tx.execute(
+                "INSERT INTO tickets (number, subject, customer, created_at, updated_at) VALUES (?, ?, ?, 1, 1)",
+                (1000 + n, "x" * 3000, "c@example.org")))
+        await store.close()
+        data = bytearray(path.read_bytes())
+        page = 4096
+        assert len(data) > 6 * page
+        data[3 * page:5 * page] = os.urandom(2 * page)
+        path.write_bytes(bytes(data))
+        with pytest.raises(StoreCorrupt) as caught:
+            await Store.open(path, check=True)
+        assert str(path) in str(caught.value)
+        assert path.read_bytes() == bytes(data)
+
+    async def test_an_sqlite_file_of_another_application_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "other.sqlite3"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE recipes (name TEXT)")
+            db.execute("INSERT INTO recipes VALUES ('bread')")
+        db.close()
+        before = path.read_bytes()
+        with pytest.raises(StoreCorrupt, match="not a gatewayd store") as caught:
+            await Store.open(path)
+        assert str(path) in str(caught.value)
+        assert path.read_bytes() == before
+        assert table_names(path) == {"recipes"}
+
+    async def test_a_store_from_a_newer_gatewayd_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "gatewayd.sqlite3"
+        store = await Store.open(path)
+        await store.close()
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version = {LATEST + 1}")
+        db.close()
+        with pytest.raises(StoreCorrupt, match="newer") as caught:
+            await Store.open(path)
+        assert str(path) in str(caught.value)
+        assert user_version(path) == LATEST + 1
+
+    async def test_runs_in_wal_mode_with_full_sync(self, store: Store, tmp_path: Path) -> None:
+        """``synchronous`` is per connection, so it is read through the writer itself."""
+        journal = await store.transact(lambda tx: tx.fetchone("PRAGMA journal_mode"))
+        synchronous = await store.transact(lambda tx: tx.fetchone("PRAGMA synchronous"))
+        assert journal[0] == "wal"
+        assert synchronous[0] == 2  # FULL
+        with sqlite3.connect(tmp_path / "gatewayd.sqlite3") as other:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        other.close()
+
+    async def test_a_closed_store_refuses_writes(self, tmp_path: Path) -> None:
+        store = await Store.open(tmp_path / "gatewayd.sqlite3")
+        await store.close()
+        with pytest.raises(StoreUnavailable):
+            await store.transact(lambda tx: insert_probe(tx, "late"))
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+class TestGroupCommit:
+    async def test_concurrent_jobs_share_commits_and_all_land(self, store: Store) -> None:
+        results = await asyncio.gather(*(store.transact(lambda tx, n=n: insert_probe(tx, f"job-{n}"))
+                                         for n in range(50)))
+        assert len(set(results)) == 50
+        assert store.stats.jobs == 50
+        assert store.stats.commits < store.stats.jobs
+        assert sorted(await probe_labels(store)) == sorted(f"job-{n}" for n in range(50))
+
+    async def test_a_failing_job_rolls_back_alone(self, store: Store) -> None:
+        async def half_then_fail(tx: Tx) -> None:
+            await insert_probe(tx, "doomed")
+            raise LookupError("the job changed its mind")
+
+        outcomes = await asyncio.gather(
+            store.transact(lambda tx: insert_probe(tx, "before")),
+            store.transact(half_then_fail),
+            store.transact(lambda tx: insert_probe(tx, "after")),
+            return_exceptions=True)
+
+        assert store.stats.commits == 1, "the three jobs were meant to share one batch"
+        assert isinstance(outcomes[1], LookupError)
+        assert await probe_labels(store) == ["before", "after"]
+
+    async def test_an_sql_error_in_a_job_rolls_back_alone(self, store: Store) -> None:
+        async def bad_sql(tx: Tx) -> None:
+            await insert_probe(tx, "doomed")
+            await tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+        outcomes = await asyncio.gather(
+            store.transact(lambda tx: insert_probe(tx, "ok")), store.transact(bad_sql), return_exceptions=True)
+        assert isinstance(outcomes[1], StoreUnavailable)
+        assert await probe_labels(store) == ["ok"]
+
+    async def test_a_cancelled_caller_still_gets_its_whole_job_committed(self, store: Store) -> None:
+        """A client hanging up mid-DATA cancels the caller, never half of the job."""
+        started = asyncio.Event()
+
+        async def slow_job(tx: Tx) -> None:
+            started.set()
+            for n in range(5):
+                await insert_probe(tx, f"part-{n}")
+                await asyncio.sleep(0.01)
+
+        caller = asyncio.create_task(store.transact(slow_job))
+        await started.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await store.transact(lambda tx: insert_probe(tx, "next"))
+        assert await probe_labels(store) == [f"part-{n}" for n in range(5)] + ["next"]
+
+    async def test_a_caller_timing_out_while_queued_still_gets_its_job_committed(self, store: Store) -> None:
+        async def slow_job(tx: Tx) -> None:
+            await asyncio.sleep(0.05)
+            await insert_probe(tx, "first")
+
+        async def queued_job(tx: Tx) -> None:
+            for n in range(3):
+                await insert_probe(tx, f"queued-{n}")
+
+        first = asyncio.create_task(store.transact(slow_job))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.transact(queued_job), timeout=0.001)
+        await first
+        await store.transact(lambda tx: insert_probe(tx, "last"))
+        assert await probe_labels(store) == ["first", "queued-0", "queued-1", "queued-2", "last"]
+
+    async def test_close_finishes_queued_jobs(self, tmp_path: Path) -> None:
+        path = tmp_path / "gatewayd.sqlite3"
+        store = await Store.open(path)
+        pending = [asyncio.create_task(store.transact(lambda tx, n=n: insert_probe(tx, f"job-{n}")))
+                   for n in range(10)]
+        await asyncio.sleep(0)
+        await store.close()
+        await asyncio.gather(*pending)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM events WHERE kind = 'probe'").fetchone()[0] == 10
+        db.close()
+
+
+# --------------------------------------------------------------------------- store full
+
+
+class TestStoreFull:
+    async def test_a_full_store_raises_store_full_and_recovers_when_space_returns(self, store: Store) -> None:
+        (pages,) = await store.transact(lambda tx: tx.fetchone("PRAGMA page_count"))
+        await store.transact(lambda tx: tx.fetchone(f"PRAGMA max_page_count = {pages}"))
+
+        async def big_row(tx: Tx) -> int:
+            return await tx.execute(
+                "INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, 0, 'big', NULL, ?)",
+                ("x" * 200_000,))
+
+        with pytest.raises(StoreFull):
+            await store.transact(big_row)
+        with pytest.raises(StoreFull):
+            await store.transact(big_row)
+
+        await store.transact(lambda tx: tx.fetchone("PRAGMA max_page_count = 1000000"))
+        assert await store.transact(big_row) > 0
+        assert await store.writable()
+
+    async def test_store_full_never_reports_a_job_committed_that_is_not(self, store: Store) -> None:
+        """SQLite may abort the whole batch on SQLITE_FULL: every job is then either refused or really stored."""
+        await store.transact(lambda tx: insert_probe(tx, "warm-up"))
+        (pages,) = await store.transact(lambda tx: tx.fetchone("PRAGMA page_count"))
+        await store.transact(lambda tx: tx.fetchone(f"PRAGMA max_page_count = {pages}"))
+
+        async def big_row(tx: Tx) -> None:
+            await insert_probe(tx, "big")
+            await tx.execute("INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, 0, 'big', NULL, ?)",
+                             ("x" * 200_000,))
+
+        outcomes = await asyncio.gather(
+            store.transact(lambda tx: insert_probe(tx, "before")),
+            store.transact(big_row),
+            store.transact(lambda tx: insert_probe(tx, "after")),
+            return_exceptions=True)
+
+        assert isinstance(outcomes[1], StoreFull)
+        assert isinstance(outcomes[2], int), "a job after the one that did not fit still commits"
+        stored = await probe_labels(store)
+        assert "big" not in stored
+        for label, outcome in (("before", outcomes[0]), ("after", outcomes[2])):
+            assert isinstance(outcome, (int, StoreFull))
+            assert (label in stored) == isinstance(outcome, int), (label, outcome, stored)
