@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .ids import TicketIds, message_ids
-from .rawmessage import HeaderSummary
+from .rawmessage import HeaderSummary, decoded_text
 from .store import Tx
 
 
@@ -47,7 +47,9 @@ async def find_ticket(tx: Tx, ids: TicketIds, headers: HeaderSummary, senders: C
         for row in rows:
             if await _participant(tx, row[0], senders):
                 return Match(row[0], "references")
-    for number in ids.tags_in(headers.subject):
+    # The tag is looked for in the decoded subject: clients routinely encode a whole
+    # non-ASCII subject, tag included (``=?utf-8?q?Re=3A_=5BSUP-1042=5D_Caf=C3=A9?=``).
+    for number in ids.tags_in(decoded_text(headers.subject)):
         if await _participant(tx, number, senders):
             return Match(number, "subject-tag")
     return None
