@@ -30,8 +30,12 @@ class AddressError(ValueError):
     """An address gatewayd refuses to act on."""
 
 
+_FOLD = re.compile(r"\r\n(?=[ \t])")
+
+
 def has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+    """C0 and C1 control characters and the Unicode line/paragraph separators."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in text)
 
 
 def parse_mailbox(text: str, *, utf8: bool = False) -> str:
@@ -58,9 +62,12 @@ def extract_address(header_value: str) -> str | None:
     several addresses and stray brackets all return None, so a crafted header can
     never make gatewayd act on a second, hidden address.
     """
-    value = " ".join(header_value.split())
-    if not value or has_control(value):
+    # Only folding (CRLF + space/tab) and tabs count as whitespace here: str.split()
+    # would also swallow \x1c-\x1f, \x0b, \x85 and U+2028, hiding control characters.
+    unfolded = _FOLD.sub("", header_value).replace("\t", " ").strip(" \r\n")
+    if not unfolded or has_control(unfolded):
         return None
+    value = re.sub(" +", " ", unfolded).strip()
     try:
         return parse_mailbox(value)
     except AddressError:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 
 from .ids import TicketIds, message_ids
-from .rawmessage import CRLF, fields, split_message, unfold
+from .rawmessage import CRLF, decoded_text, fields, split_message, unfold
 
 _REPLACEABLE = frozenset({"subject", "message-id", "references", "reply-to", "in-reply-to"})
 _MAX_LINE = 900
+_RFC_LINE = 998
 
 
 def header(name: str, value: str | bytes) -> bytes:
@@ -57,8 +58,12 @@ def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message
     subject = original.get("subject")
     if subject is None:
         head.append(header("Subject", ids.tag(number)))
-    elif number not in ids.tags_in(unfold(subject).decode("utf-8", "replace")):
-        head.append(b"Subject: " + ids.tag(number).encode() + b" " + subject.lstrip(b" \t") + CRLF)
+    elif number not in ids.tags_in(decoded_text(unfold(subject).decode("utf-8", "surrogateescape"))):
+        tagged = b"Subject: " + ids.tag(number).encode()
+        rest = subject.lstrip(b" \t")
+        first_line = len(tagged) + 1 + len(rest.split(CRLF, 1)[0])
+        # Fold rather than push the original's first line past the RFC 5322 limit.
+        head.append(tagged + (b"\r\n " if first_line > _RFC_LINE else b" ") + rest + CRLF)
     return b"".join(head)
 
 
@@ -75,5 +80,10 @@ def assemble(head: bytes, raw: bytes) -> bytes:
         match = re.match(rb"^([\x21-\x39\x3b-\x7e]+)([ \t]*:)", line)
         if match and match.group(1).decode("ascii").lower() in replaced:
             line = b"X-Original-" + line
+            if len(line) > _RFC_LINE:
+                # The rename made the line longer: fold right after the colon (FWS may open any of these fields).
+                name_end = match.end() + len(b"X-Original-")
+                line = line[:name_end] + b"\r\n" + (b"" if line[name_end:name_end + 1] in (b" ", b"\t") else b" ") \
+                    + line[name_end:]
         out.append(line)
     return head + CRLF.join(out) + CRLF + CRLF + body
