@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _FULL_CODES = {sqlite3.SQLITE_FULL}
+_CORE_TABLES = {"tickets", "messages", "events", "work", "outbox"}  # created by migration 1
 
 
 def map_error(exc: BaseException) -> StoreError:
@@ -281,10 +282,11 @@ async def _inspect(db: aiosqlite.Connection, path: Path, existed: bool, check: b
     version = row[0] if row else 0
     if version > LATEST:
         raise StoreCorrupt(f"{path}: store schema version {version} is newer than this gatewayd ({LATEST})")
-    if existed and version == 0:
-        async with db.execute("SELECT count(*) FROM sqlite_master") as cursor:
-            (tables,) = await cursor.fetchone() or (0,)
-        if tables:
+    if existed:
+        async with db.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as cursor:
+            tables = {row[0] for row in await cursor.fetchall()}
+        # user_version is a free-for-all integer: another application's file may set it too.
+        if (version == 0 and tables) or (version > 0 and not _CORE_TABLES <= tables):
             raise StoreCorrupt(f"{path}: is an SQLite file but not a gatewayd store")
     if existed and check:
         async with db.execute("PRAGMA quick_check") as cursor:

@@ -148,6 +148,17 @@ class TestOpening:
         assert path.read_bytes() == before
         assert table_names(path) == {"recipes"}
 
+    async def test_another_applications_file_is_refused_even_with_a_user_version(self, tmp_path: Path) -> None:
+        """``user_version`` is not ours alone; a foreign file must not be "upgraded" into a store."""
+        path = tmp_path / "other.sqlite3"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE recipes (name TEXT)")
+            db.execute("PRAGMA user_version = 1")
+        db.close()
+        with pytest.raises(StoreCorrupt, match="not a gatewayd store"):
+            await Store.open(path)
+        assert table_names(path) == {"recipes"}
+
     async def test_a_store_from_a_newer_gatewayd_is_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "gatewayd.sqlite3"
         store = await Store.open(path)
@@ -231,6 +242,16 @@ class TestGroupCommit:
             await caller
         await store.transact(lambda tx: insert_probe(tx, "next"))
         assert await probe_labels(store) == [f"part-{n}" for n in range(5)] + ["next"]
+
+    async def test_concurrent_jobs_see_each_others_writes_in_order(self, store: Store) -> None:
+        """Jobs of one batch run one after another on the writer, so each sees the ones before."""
+        async def count_then_insert(tx: Tx) -> int:
+            row = await tx.fetchone("SELECT count(*) FROM events WHERE kind = 'probe'")
+            await insert_probe(tx, "x")
+            return row[0]
+
+        seen = await asyncio.gather(*(store.transact(count_then_insert) for _ in range(20)))
+        assert sorted(seen) == list(range(20))
 
     async def test_a_caller_timing_out_while_queued_still_gets_its_job_committed(self, store: Store) -> None:
         async def slow_job(tx: Tx) -> None:

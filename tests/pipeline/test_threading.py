@@ -7,6 +7,7 @@ participant. Subject text alone never threads.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,14 @@ class TestDuplicateDelivery:
         assert await desk.count("tickets") == 1
         work = await desk.store.fetchall("SELECT kind, ticket FROM work")
         assert [tuple(w) for w in work] == [("route", 1000)]
+
+    async def test_two_deliveries_of_the_same_message_at_once_make_one_ticket(self, desk: Desk) -> None:
+        """An impatient upstream may retry while the first attempt is still committing."""
+        data = message(message_id="<race@customer.example>")
+        results = await asyncio.gather(desk.receive(data), desk.receive(data))
+        assert {r.number for r in results} == {1000}
+        assert sorted(r.duplicate for r in results) == [False, True]
+        assert await desk.count("messages") == 1
 
     async def test_a_duplicate_is_recorded_as_an_event(self, desk: Desk) -> None:
         data = message(message_id="<retry@customer.example>")
