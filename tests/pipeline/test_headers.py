@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -357,7 +358,7 @@ class TestTicketIds:
         lambda m: m.replace("SUP-", "OPS-"),
         lambda m: m[:-18] + "@gw.example.test>",
     ], ids=["ticket", "nonce", "mac", "host", "prefix", "short-mac"])
-    def test_tampered_ids_do_not_verify(self, tamper) -> None:  # type: ignore[no-untyped-def]
+    def test_tampered_ids_do_not_verify(self, tamper: Callable[[str], str]) -> None:
         genuine = IDS.message_id(1042)
         forged = tamper(genuine)
         assert forged != genuine

@@ -9,6 +9,7 @@ import asyncio
 import os
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ async def probe_labels(store: Store) -> list[str]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
     opened = await Store.open(tmp_path / "gatewayd.sqlite3")
     yield opened
     await opened.close()
