@@ -45,6 +45,7 @@ class Daemon:
         self.metrics = Metrics()
         self._chain = load_chain(config, self.metrics)
         self._stop = asyncio.Event()
+        self._shut_down = False
         self._running = _Running()
         self.store: Store | None = None
         self.router: Router | None = None
@@ -120,6 +121,9 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
         log.info("shutting down: no new connections; waiting up to %.0fs for transactions in progress",
                  self.config.shutdown_grace)
         for server in self._running.servers:

@@ -1,0 +1,57 @@
+"""Building configs and running a real gatewayd (in-process or as a subprocess) for tests."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+from gatewayd import config as config_module
+from gatewayd.config import Config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, metrics_port: int | None = None,
+                extra: str = "", limits: str = "", retry: str = "{first: 0.2s, max: 1s, give_up: 1h}",
+                routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None) -> str:
+    """A complete config for tests; ``extra``/``limits`` append YAML at top level / under limits."""
+    socket_listener = f'  - {{protocol: lmtp, address: "unix:{lmtp_socket}", name: lmtp-socket}}\n' \
+        if lmtp_socket else ""
+    metrics = f'metrics: {{address: "127.0.0.1:{metrics_port}"}}\n' if metrics_port else ""
+    return textwrap.dedent(f"""\
+        hostname: gw.example.test
+        listeners:
+          - {{protocol: smtp, address: "127.0.0.1:{smtp_port}", name: smtp}}
+          - {{protocol: lmtp, address: "127.0.0.1:{lmtp_port}", name: lmtp}}
+        """) + socket_listener + textwrap.dedent(f"""\
+        store: {{path: "{tmp / 'gatewayd.sqlite3'}"}}
+        support:
+          addresses: [support@example.test, help@example.test]
+          reply_secret: "test-secret-123"
+        relay:
+          address: "127.0.0.1:{relay_port}"
+          retry: {retry}
+          timeout: 5s
+        teams:
+          - {{name: support, supervisor: lead@example.test}}
+          - {{name: security, supervisor: ciso@example.test}}
+        agents:
+          - {{name: alice, address: alice@agents.example.test, teams: [support]}}
+          - {{name: bob, address: bob@agents.example.test, teams: [support]}}
+          - {{name: sam, address: sam@agents.example.test, teams: [security]}}
+        fallback: {{team: support}}
+        shutdown_grace: 5s
+        """) + metrics + "routing:\n" + routing + ("limits:\n" + limits if limits else "") + extra
+
+
+def write_config(tmp: Path, **kwargs: object) -> tuple[Path, Config]:
+    path = tmp / "gatewayd.yaml"
+    path.write_text(config_text(tmp, **kwargs))  # type: ignore[arg-type]
+    return path, config_module.load(path)
