@@ -20,15 +20,17 @@ def free_port() -> int:
 
 def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, metrics_port: int | None = None,
                 extra: str = "", limits: str = "", retry: str = "{first: 0.2s, max: 1s, give_up: 1h}",
-                routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None) -> str:
+                routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None,
+                tls: tuple[Path, Path] | None = None) -> str:
     """A complete config for tests; ``extra``/``limits`` append YAML at top level / under limits."""
     socket_listener = f'  - {{protocol: lmtp, address: "unix:{lmtp_socket}", name: lmtp-socket}}\n' \
         if lmtp_socket else ""
+    smtp_tls = f', tls: {{cert_file: "{tls[0]}", key_file: "{tls[1]}"}}' if tls else ""
     metrics = f'metrics: {{address: "127.0.0.1:{metrics_port}"}}\n' if metrics_port else ""
     return textwrap.dedent(f"""\
         hostname: gw.example.test
         listeners:
-          - {{protocol: smtp, address: "127.0.0.1:{smtp_port}", name: smtp}}
+          - {{protocol: smtp, address: "127.0.0.1:{smtp_port}", name: smtp{smtp_tls}}}
           - {{protocol: lmtp, address: "127.0.0.1:{lmtp_port}", name: lmtp}}
         """) + socket_listener + textwrap.dedent(f"""\
         store: {{path: "{tmp / 'gatewayd.sqlite3'}"}}
