@@ -1,0 +1,134 @@
+"""The outbox: forwards survive a relay outage, a refusal and a restart, and stay visible."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from gatewayd.store import Store
+from tests.support.smtp import message, send_message
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+async def forward_item(store: Store):
+    items = await store.outbox(states=("pending", "failed", "sent"))
+    return next((i for i in items if i.kind == "forward"), None)
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatewayd", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+class TestRelayOutage:
+    async def test_mail_accepted_while_the_relay_is_down_is_delivered_when_it_returns(self, gateway, sink):
+        await sink.stop()
+        [reply] = await send_message(gateway.smtp_port, message())
+        assert reply.code == 250
+
+        async def retried() -> bool:
+            item = await forward_item(gateway.store)
+            return item is not None and item.attempts >= 2
+        await wait_until(retried)
+        item = await forward_item(gateway.store)
+        assert item.state == "pending" and item.last_error
+        assert item.next_attempt_at > item.created_at
+
+        await sink.start()
+        [forward] = await sink.wait_for(1, timeout=15)
+        assert f"Message-ID: {item.message_id}\r\n".encode() in forward.content
+        await wait_until(lambda: _state_is(gateway.store, "sent"))
+        kinds = [e.kind for e in await gateway.store.events(1000)]
+        assert kinds.count("delivery_deferred") >= 2 and kinds[-1] == "delivered"
+
+    async def test_a_temporary_refusal_is_retried_with_the_same_message_id(self, gateway, sink):
+        sink.handler.answer = "451 4.3.0 try again later"
+        await send_message(gateway.smtp_port, message())
+
+        async def deferred() -> bool:
+            item = await forward_item(gateway.store)
+            return item is not None and item.attempts >= 1
+        await wait_until(deferred)
+        first = await forward_item(gateway.store)
+        assert first.last_error.startswith("451")
+        sink.handler.answer = None
+        [forward] = await sink.wait_for(1, timeout=15)
+        assert f"Message-ID: {first.message_id}\r\n".encode() in forward.content
+
+
+async def _state_is(store: Store, state: str) -> bool:
+    item = await forward_item(store)
+    return item is not None and item.state == state
+
+
+class TestPermanentFailure:
+    async def test_a_5xx_marks_the_item_failed_with_the_reply_and_keeps_it_visible(self, gateway, sink):
+        sink.handler.answer = "550 5.1.1 mailbox unavailable"
+        await send_message(gateway.smtp_port, message())
+        await wait_until(lambda: _state_is(gateway.store, "failed"))
+        item = await forward_item(gateway.store)
+        assert item.attempts == 1
+        assert item.last_error == "550 5.1.1 mailbox unavailable"
+        failed = [e for e in await gateway.store.events(1000) if e.kind == "delivery_failed"]
+        assert failed and failed[0].detail["reply"] == "550 5.1.1 mailbox unavailable"
+
+        code, out, err = await run_cli("queue", "list", "--json", "-c", str(gateway.config_path))
+        assert code == 0, err
+        [listed] = json.loads(out)
+        assert listed["state"] == "failed" and listed["last_error"] == "550 5.1.1 mailbox unavailable"
+
+    async def test_retries_give_up_after_the_configured_time(self, gateway_factory, sink):
+        gw = await gateway_factory(retry="{first: 0.1s, max: 0.1s, give_up: 0.5s}")
+        sink.handler.answer = "421 4.7.0 busy"
+        await send_message(gw.smtp_port, message())
+        await wait_until(lambda: _state_is(gw.store, "failed"))
+        item = await forward_item(gw.store)
+        assert item.attempts >= 2 and item.last_error.startswith("421")
+
+
+class TestRestart:
+    async def test_pending_forwards_resume_after_a_restart(self, gateway_factory, sink):
+        await sink.stop()
+        first = await gateway_factory()
+        [reply] = await send_message(first.smtp_port, message())
+        assert reply.code == 250
+        await wait_until(lambda: _attempted(first.store))
+        pending = await forward_item(first.store)
+        await first.daemon.shutdown()
+
+        await sink.start()
+        second = await gateway_factory(smtp_port=first.smtp_port, lmtp_port=first.lmtp_port)
+        [forward] = await sink.wait_for(1, timeout=15)
+        assert f"Message-ID: {pending.message_id}\r\n".encode() in forward.content
+        await wait_until(lambda: _state_is(second.store, "sent"))
+
+    async def test_routing_work_committed_before_a_restart_is_routed_after_it(self, gateway_factory, sink):
+        from gatewayd.router import Router
+
+        first = await gateway_factory()
+        first.daemon.router.stop()
+        await asyncio.sleep(0.1)
+        await send_message(first.smtp_port, message())
+        assert len(await first.store.pending_work()) == 1
+        await first.daemon.shutdown()
+
+        second = await gateway_factory(smtp_port=first.smtp_port, lmtp_port=first.lmtp_port)
+        assert isinstance(second.daemon.router, Router)
+        assert len(await sink.wait_for(1)) == 1
+        assert await second.store.pending_work() == []
+
+
+async def _attempted(store: Store) -> bool:
+    item = await forward_item(store)
+    return item is not None and item.attempts >= 1
