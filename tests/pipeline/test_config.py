@@ -105,7 +105,7 @@ class TestShippedExample:
         assert config.support.addresses == ("support@example.test",)
         assert config.tickets.prefix == "SUP"
         assert [agent.name for agent in config.agents] == ["alice", "bob", "sam"]
-        assert [entry.plugin for entry in config.routing] == ["rules", "round_robin"]
+        assert [entry.plugin for entry in config.routing] == ["rules", "sticky", "schedule", "capacity", "round_robin"]
 
     def test_check_config_exits_0(self) -> None:
         result = cli("check-config", "-c", "etc/gatewayd.yaml")
