@@ -197,18 +197,22 @@ class RoutingChain:
 
     async def _invoke(self, link: Link, context: PluginContext, ticket: TicketView, message: MessageView,
                       candidates: tuple[AgentView, ...]) -> Decision:
-        started = time.perf_counter()
-        result = link.plugin.route(context, ticket, message, candidates)
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            done, _ = await asyncio.wait({task}, timeout=link.timeout)
-            if not done:
-                task.cancel()
-                task.add_done_callback(_consume)
-                raise TimeoutError
-            result = task.result()
-        elif time.perf_counter() - started > link.timeout:
+        """Calls the hook under its timeout; a ``def`` hook runs in a worker thread so a
+        plugin that blocks (or hangs) can never stall the event loop that serves SMTP."""
+        if inspect.iscoroutinefunction(link.plugin.route):
+            task = asyncio.ensure_future(link.plugin.route(context, ticket, message, candidates))
+        else:
+            task = asyncio.ensure_future(asyncio.to_thread(link.plugin.route, context, ticket, message, candidates))
+        done, _ = await asyncio.wait({task}, timeout=link.timeout)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
             raise TimeoutError
+        result = task.result()
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise _Garbage("returned an awaitable from a def hook; declare the hook async def")
         if result is None:
             return Decision.abstain("no decision")
         if not isinstance(result, Decision):

@@ -395,8 +395,8 @@ class Plugin:
     """Base class for routing plugins (optional: any class with ``api_version`` and ``route`` works).
 
     Subclass it, read options in ``__init__`` and implement ``route`` as a
-    ``def`` or an ``async def``. A hook must be quick: it runs under a timeout
-    (1 s by default), and blocking work belongs in ``asyncio.to_thread``.
+    ``def`` (run in a worker thread) or an ``async def`` (run on the event loop,
+    so it must never block). Either runs under a timeout, 1 s by default.
     """
 
     api_version: ClassVar[int] = API_VERSION
