@@ -105,6 +105,22 @@ async def test_a_blocking_sync_hook_over_its_timeout_is_discarded(observer):
     assert observer.errors == ["Blocks"]
 
 
+async def test_a_blocking_sync_hook_leaves_the_event_loop_free():
+    """A def hook runs in a worker thread: the loop (and so every SMTP session) keeps ticking."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    await run_chain([(Blocks, {"timeout": 1})], agents=AGENTS)
+    task.cancel()
+    assert ticks >= 3
+
+
 async def test_hanging_plugin_does_not_hold_the_chain():
     started = time.perf_counter()
     await run_chain([(Hangs, {"timeout": 0.05})], agents=AGENTS)
