@@ -96,16 +96,3 @@ def display_name(header_value: str) -> str:
         pass
     return "".join(c for c in name if not (ord(c) < 32 or ord(c) == 127)).strip()
 
-
-def same_address(a: str | None, b: str | None) -> bool:
-    """Local parts are compared exactly, domains case-insensitively (RFC 5321 § 2.4)."""
-    if not a or not b:
-        return False
-    la, _, da = a.rpartition("@")
-    lb, _, db = b.rpartition("@")
-    return la == lb and da.lower() == db.lower()
-
-
-def normalize(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}" if domain else address

@@ -130,6 +130,3 @@ def normalize_newlines(data: bytes) -> bytes:
     """Every bare CR, bare LF and CRLF becomes CRLF; NUL bytes are removed."""
     return re.sub(rb"\r\n|\r|\n", CRLF, data.replace(b"\x00", b""))
 
-
-def longest_line(data: bytes) -> int:
-    return max((len(line) for line in data.split(CRLF)), default=0)

@@ -151,10 +151,6 @@ class Store(Database):
             (*states, limit))
         return [OutboxItem(*row) for row in rows]
 
-    async def outbox_item(self, item: int) -> OutboxItem | None:
-        row = await self.fetchone(f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item,))
-        return OutboxItem(*row) if row else None
-
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         rows = await self.fetchall(
             f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
