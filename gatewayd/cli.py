@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from . import __version__

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,7 +24,7 @@ from .ids import TicketIds
 from .message_view import message_view_from_bytes
 from .metrics import Metrics
 from .plugin import AgentView, MessageView, TicketView
-from .store import Store, TicketRecord, Tx, WorkItem, add_event
+from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event
 
 log = logging.getLogger("gatewayd.router")
 
@@ -42,6 +42,17 @@ class StorePluginState:
 
     async def set(self, plugin: str, key: str, value: Any) -> None:
         await self._store.plugin_state_set(plugin, key, value)
+
+
+def agent_views(config: Config, states: Mapping[str, AgentState]) -> list[AgentView]:
+    """Configured agents joined with their live state; agents the store never saw have no load."""
+    views = []
+    for agent in config.agents:
+        state = states.get(agent.name)
+        views.append(AgentView(name=agent.name, address=agent.address, teams=agent.teams,
+                               timezone=agent.timezone, away=bool(state and state.away),
+                               open_tickets=state.open_tickets if state else 0))
+    return views
 
 
 @dataclass(frozen=True)
@@ -101,18 +112,9 @@ class Router:
         self._wake.set()
 
     async def agents(self) -> list[AgentView]:
-        """Configured agents joined with their live state from the store."""
-        states = await self.store.agent_states()
-        views = []
-        for agent in self.config.agents:
-            state = states.get(agent.name)
-            views.append(AgentView(name=agent.name, address=agent.address, teams=agent.teams,
-                                   timezone=agent.timezone, away=bool(state and state.away),
-                                   open_tickets=state.open_tickets if state else 0))
-        return views
+        return agent_views(self.config, await self.store.agent_states())
 
-    async def decide(self, ticket: TicketRecord, message: MessageView, followup: bool,
-                     *, persist_state: bool = True) -> Routed:
+    async def decide(self, ticket: TicketRecord, message: MessageView, followup: bool) -> Routed:
         """Runs the chain (or keeps the owner of a follow-up) and says where the message goes."""
         agents = await self.agents()
         owner = next((a for a in agents if a.name == ticket.agent), None)
@@ -125,8 +127,7 @@ class Router:
             priority=ticket.priority, created_at=datetime.fromtimestamp(ticket.created_at, timezone.utc),
             team=ticket.team, agent=ticket.agent, is_followup=followup,
             customer_previous_agents=await self.store.customer_previous_agents(ticket.customer, ticket.number))
-        state = self._state if persist_state else _ReadOnlyState(self._state)
-        result: RoutingResult = await self.chain.route(view, message, agents, state)
+        result: RoutingResult = await self.chain.route(view, message, agents, self._state)
         if result.agent is not None:
             address = next(a.address for a in agents if a.name == result.agent)
             return Routed(address, result.agent, result.team, result.priority, result.summary, result.trace)
@@ -177,19 +178,6 @@ class Router:
         log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
                  routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
         self._on_enqueued()
-
-
-class _ReadOnlyState:
-    """State for ``route --explain``: reads the real state, drops every write."""
-
-    def __init__(self, inner: StorePluginState) -> None:
-        self._inner = inner
-
-    async def get(self, plugin: str, key: str) -> Any | None:
-        return await self._inner.get(plugin, key)
-
-    async def set(self, plugin: str, key: str, value: Any) -> None:
-        return None
 
 
 async def _done(tx: Tx, work: int, now: float | None = None) -> None:

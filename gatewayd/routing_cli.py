@@ -22,7 +22,8 @@ from .config import Config
 from .discovery import load_chain
 from .dispatch import RoutingResult
 from .message_view import message_view_from_bytes
-from .plugin import AgentView, MessageView, TicketView
+from .plugin import MessageView, TicketView
+from .router import StorePluginState, agent_views
 from .testing import MemoryStateStore, ReadOnlyStateStore
 
 __all__ = ["add_parsers", "explain", "agents_list", "agents_away", "agents_back", "open_store"]
@@ -93,34 +94,13 @@ async def _explain(config: Config, message: MessageView) -> RoutingResult:
     try:
         states = await store.agent_states() if store is not None else {}
         previous = await store.customer_previous_agents(message.sender, -1) if store is not None else ()
-        backing: Any = _StoreState(store) if store is not None else MemoryStateStore()
+        backing: Any = StorePluginState(store) if store is not None else MemoryStateStore()
         ticket = TicketView(id="(dry run)", subject=message.subject, customer=message.sender, priority="normal",
                             created_at=now, customer_previous_agents=tuple(previous))
         return await chain.route(ticket, message, agent_views(config, states), ReadOnlyStateStore(backing), now)
     finally:
         if store is not None:
             await store.close()
-
-
-class _StoreState:
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    async def get(self, plugin: str, key: str) -> Any | None:
-        return await self._store.plugin_state_get(plugin, key)
-
-    async def set(self, plugin: str, key: str, value: Any) -> None:
-        raise RuntimeError("route --explain must not write plugin state")
-
-
-def agent_views(config: Config, states: dict[str, Any]) -> list[AgentView]:
-    """Configured agents joined with their store state; unseen agents are present with no load."""
-    views = []
-    for agent in config.agents:
-        state = states.get(agent.name)
-        views.append(AgentView(name=agent.name, address=agent.address, teams=agent.teams, timezone=agent.timezone,
-                               away=bool(state and state.away), open_tickets=state.open_tickets if state else 0))
-    return views
 
 
 def render_explain(message: MessageView, result: RoutingResult) -> str:
