@@ -39,8 +39,12 @@ def fold_ids(ids: list[str]) -> bytes:
 
 
 def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message_id: str,
-                 route_summary: str) -> bytes:
-    """gatewayd's header fields for the forward of ``raw`` on ticket ``number`` to ``agent``."""
+                 route_summary: str, reply_to: str | None = None) -> bytes:
+    """gatewayd's header fields for the forward of ``raw`` on ticket ``number`` to ``agent``.
+
+    ``reply_to`` is the agent's signed reply address, so the answer comes back
+    through gatewayd instead of going straight to the customer.
+    """
     block, _ = split_message(raw)
     original: dict[str, bytes] = {}
     for f in fields(block):
@@ -51,6 +55,8 @@ def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message
         header("X-Gatewayd-Route", ascii_text(route_summary) or "-"),
         header("Message-ID", message_id),
     ]
+    if reply_to is not None:
+        head.append(header("Reply-To", reply_to))
     refs = message_ids(unfold(original.get("references", b"")).decode("ascii", "replace"))
     own_id = message_ids(unfold(original.get("message-id", b"")).decode("ascii", "replace"))
     chain = [r for r in refs + own_id[:1] if r != ids.pseudo_reference(number)][-20:]

@@ -67,6 +67,7 @@ class SupportConfig:
     addresses: tuple[str, ...]
     reply_secret: str
     bounce_address: str
+    reply_name: str = "{agent} via Support"  # display name on relayed agent replies; {agent} is the agent
 
     @property
     def domains(self) -> frozenset[str]:
@@ -123,9 +124,25 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class SlaTargets:
+    """Overrides for one team or priority; None keeps what the level above says."""
+
+    ack: float | None = None
+    first_response: float | None = None
+    business_hours: "BusinessHours | None" = None
+
+
+@dataclass(frozen=True)
 class SlaConfig:
+    """Acknowledgement and first-response targets; see :mod:`gatewayd.sla` for how they combine."""
+
     ack: float = 15 * MINUTES
     first_response: float = 24 * HOURS
+    teams: Mapping[str, SlaTargets] = field(default_factory=lambda: MappingProxyType({}))
+    priorities: Mapping[str, SlaTargets] = field(default_factory=lambda: MappingProxyType({}))
+    reopen_window: float = 7 * DAYS
+    webhook: str | None = None
+    scan_interval: float = 30 * SECONDS
 
 
 @dataclass(frozen=True)
@@ -530,11 +547,7 @@ def _build(r: _Reader, data: dict[str, Any], source: Path) -> Config | None:
         resolver=r.value(dns, "resolver", "dns.resolver", lambda v: parse_endpoint(v, allow_unix=False), None),
         timeout=r.value(dns, "timeout", "dns.timeout", _positive_duration, 2 * SECONDS),
     )
-    sla = r.section(data, "sla", "sla", {"ack", "first_response"})
-    sla_cfg = SlaConfig(
-        ack=r.value(sla, "ack", "sla.ack", _positive_duration, 15 * MINUTES),
-        first_response=r.value(sla, "first_response", "sla.first_response", _positive_duration, 24 * HOURS),
-    )
+    sla_cfg = _sla(r, data)
     teams = _teams(r, data)
     agents = _agents(r, data, {t.name for t in teams})
     routing = _routing(r, data)
@@ -624,7 +637,7 @@ def _listeners(r: _Reader, data: Mapping[str, Any]) -> tuple[ListenerConfig, ...
 
 
 def _support(r: _Reader, data: Mapping[str, Any]) -> SupportConfig:
-    support = r.section(data, "support", "support", {"addresses", "reply_secret", "bounce_address"})
+    support = r.section(data, "support", "support", {"addresses", "reply_secret", "bounce_address", "reply_name"})
     if "support" not in data:
         r.error("support", "is required (support.addresses and support.reply_secret)")
     addresses: tuple[str, ...] = ()
@@ -645,7 +658,15 @@ def _support(r: _Reader, data: Mapping[str, Any]) -> SupportConfig:
     bounce = r.value(support, "bounce_address", "support.bounce_address", _address, default_bounce).lower()
     if bounce in addresses:
         r.error("support.bounce_address", "must differ from every support address")
-    return SupportConfig(addresses=addresses, reply_secret=secret, bounce_address=bounce)
+    reply_name = r.value(support, "reply_name", "support.reply_name", _display_template, "{agent} via Support")
+    return SupportConfig(addresses=addresses, reply_secret=secret, bounce_address=bounce, reply_name=reply_name)
+
+
+def _display_template(value: Any) -> str:
+    text = _text(value)
+    if any(ord(c) < 32 for c in text) or text.replace("{agent}", "").count("{") or "}" in text.replace("{agent}", ""):
+        raise ValueError("must be one line; the only placeholder is {agent}")
+    return text
 
 
 def _relay(r: _Reader, data: Mapping[str, Any]) -> RelayConfig:
@@ -749,3 +770,54 @@ def _limits(r: _Reader, data: Mapping[str, Any]) -> LimitsConfig:
     if cfg.max_line_length > 998:
         r.error("limits.max_line_length", "must be at most 998 (RFC 5322); longer lines are refused")
     return cfg
+
+
+_SLA_KEYS = {"ack", "first_response", "business_hours"}
+
+
+def _sla(r: _Reader, data: Mapping[str, Any]) -> SlaConfig:
+    sla = r.section(data, "sla", "sla", _SLA_KEYS - {"business_hours"} | {
+        "teams", "priorities", "reopen_window", "webhook", "scan_interval"})
+    d = SlaConfig()
+    team_names = {t.get("name") for _, t in _items(r, data, "teams", required=False)}
+    overrides: dict[str, dict[str, SlaTargets]] = {"teams": {}, "priorities": {}}
+    for key, allowed in (("teams", team_names), ("priorities", {"high", "normal", "low"})):
+        for name, item in r.section(sla, key, f"sla.{key}", {str(n) for n in allowed if n}).items():
+            path = f"sla.{key}.{name}"
+            if not isinstance(item, dict):
+                r.error(path, f"must be a mapping, not {_kind(item)}")
+                continue
+            r.unknown(item, path, _SLA_KEYS if key == "teams" else _SLA_KEYS - {"business_hours"})
+            overrides[key][str(name)] = SlaTargets(
+                ack=r.value(item, "ack", f"{path}.ack", _positive_duration, None),
+                first_response=r.value(item, "first_response", f"{path}.first_response", _positive_duration, None),
+                business_hours=_calendar(r, item, f"{path}.business_hours"))
+    webhook = r.value(sla, "webhook", "sla.webhook", _text, None)
+    if webhook is not None and not re.match(r"^https?://[^\s/]+", webhook):
+        r.error("sla.webhook", "must be an http:// or https:// URL")
+    return SlaConfig(
+        ack=r.value(sla, "ack", "sla.ack", _positive_duration, d.ack),
+        first_response=r.value(sla, "first_response", "sla.first_response", _positive_duration, d.first_response),
+        teams=MappingProxyType(overrides["teams"]), priorities=MappingProxyType(overrides["priorities"]),
+        reopen_window=r.value(sla, "reopen_window", "sla.reopen_window", parse_duration, d.reopen_window),
+        webhook=webhook,
+        scan_interval=r.value(sla, "scan_interval", "sla.scan_interval", _positive_duration, d.scan_interval),
+    )
+
+
+def _calendar(r: _Reader, item: Mapping[str, Any], path: str) -> "BusinessHours | None":
+    """A team's own business hours, in the same shape as the top-level ``business_hours``."""
+    from .business_hours import BusinessHours, parse_holidays, parse_timezone, parse_week
+
+    raw = item.get("business_hours")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        r.error(path, f"must be a mapping, not {_kind(raw)}")
+        return None
+    r.unknown(raw, path, {"timezone", "hours", "holidays"})
+    zone = r.value(raw, "timezone", f"{path}.timezone", lambda v: parse_timezone(_text(v)), None, required=True)
+    week = r.value(raw, "hours", f"{path}.hours", lambda v: parse_week(v) if isinstance(v, dict) else
+                   parse_week({}), None, required=True)
+    holidays = r.value(raw, "holidays", f"{path}.holidays", lambda v: parse_holidays(_list(v)), frozenset())
+    return BusinessHours(timezone=zone, week=week, holidays=holidays) if zone and week else None

@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 from .addresses import extract_address
 from .config import Config
-from .correlate import find_ticket
+from .correlate import Match, find_ticket
 from .ids import TicketIds
+from .lifecycle import link, thread_onto
 from .rawmessage import HeaderSummary, decoded_text, has_bare_newline, normalize_newlines
+from .reply_address import ReplyToken, reply_addresses
 from .store import Store, Tx, add_event
 
 log = logging.getLogger("gatewayd.intake")
@@ -74,15 +76,23 @@ class Intake:
         self.ids = ids
         self._on_committed = on_committed
         self._support = frozenset(a.lower() for a in config.support.addresses)
+        self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
 
     def recipient_kind(self, address: str) -> str | None:
-        """``support`` or ``bounce`` for the addresses gatewayd accepts mail for; None otherwise."""
+        """``support``, ``reply`` or ``bounce`` for the addresses gatewayd accepts mail for; None otherwise."""
         lowered = address.lower()
         if lowered in self._support:
             return "support"
         if lowered == self.config.support.bounce_address:
             return "bounce"
+        if self._replies.verify(lowered) is not None:
+            return "reply"
         return None
+
+    def _reply_token(self, rcpt_tos: tuple[str, ...]) -> ReplyToken | None:
+        """The verified reply address among the recipients; an agent's wins over a customer's."""
+        tokens = [t for t in map(self._replies.verify, rcpt_tos) if t is not None]
+        return next((t for t in tokens if t.role == "agent"), tokens[0] if tokens else None)
 
     def prepare(self, data: bytes) -> "Prepared":
         """Applies the content limits and summarises the headers; pure and thread-safe."""
@@ -105,7 +115,7 @@ class Intake:
         else:
             prepared = self.prepare(transaction.data)
         now = time.time()
-        for_support = any(self.recipient_kind(r) == "support" for r in transaction.rcpt_tos)
+        for_support = any(self.recipient_kind(r) in ("support", "reply") for r in transaction.rcpt_tos)
 
         async def work(tx: Tx) -> Accepted:
             return await self._commit(tx, transaction, prepared, now, for_support)
@@ -135,11 +145,22 @@ class Intake:
 
         from_address = extract_address(headers.from_) if headers.from_ else None
         senders = {a.lower() for a in (from_address, t.mail_from) if a}
-        match = await find_ticket(tx, self.ids, headers, senders)
+        token = self._reply_token(t.rcpt_tos)
+        if token is not None and token.role == "agent" and await self._ticket_exists(tx, token.ticket):
+            return await self._agent_mail(tx, token, t, prepared, now)
+        match = Match(token.ticket, "reply-address") if token is not None else None
+        if match is None or not await self._ticket_exists(tx, match.ticket):
+            match = await find_ticket(tx, self.ids, headers, senders)
+        previous = None
+        if match is not None and not await thread_onto(tx, match.ticket, now, self.config.sla.reopen_window,
+                                                       actor=from_address or t.mail_from):
+            previous, match = match.ticket, None
         if match is None:
             number = await self._create_ticket(tx, headers, from_address or t.mail_from, now)
             rule = None
             role = "customer"
+            if previous is not None:
+                await link(tx, previous, number, now, self.ids.ref(previous), self.ids.ref(number))
         else:
             number, rule = match.ticket, match.rule
             await tx.execute("UPDATE tickets SET updated_at = ? WHERE number = ?", (now, number))
@@ -154,6 +175,21 @@ class Intake:
         await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('route', ?, ?, ?)",
                          (number, message, now))
         return Accepted(self.ids.ref(number), number, threaded_by=rule)
+
+    async def _ticket_exists(self, tx: Tx, number: int) -> bool:
+        return await tx.fetchone("SELECT 1 FROM tickets WHERE number = ?", (number,)) is not None
+
+    async def _agent_mail(self, tx: Tx, token: ReplyToken, t: Transaction, prepared: Prepared,
+                          now: float) -> Accepted:
+        """Mail to an agent's reply address: stored on the ticket; the reply worker decides what it is."""
+        data, headers, digest = prepared
+        message = await self._insert_message(tx, token.ticket, t, data, headers, digest, now)
+        await add_event(tx, token.ticket, "agent_mail_received", {
+            "message": message, "message_id": headers.message_id, "mail_from": t.mail_from,
+            "listener": t.listener, "size": len(data), "token_agent": token.agent}, at=now)
+        await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('agent_reply', ?, ?, ?)",
+                         (token.ticket, message, now))
+        return Accepted(self.ids.ref(token.ticket), token.ticket, threaded_by="reply-address")
 
     async def _create_ticket(self, tx: Tx, headers: HeaderSummary, customer: str, now: float) -> int:
         row = await tx.fetchone("SELECT max(number) FROM tickets")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,6 +24,8 @@ from .ids import TicketIds
 from .message_view import message_view_from_bytes
 from .metrics import Metrics
 from .plugin import AgentView, MessageView, TicketView
+from .reoffer import lapsed_agents
+from .reply_address import reply_addresses
 from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event
 
 log = logging.getLogger("gatewayd.router")
@@ -79,6 +81,10 @@ class Router:
         self._wake = asyncio.Event()
         self._state = StorePluginState(store)
         self._stopping = False
+        self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
+        # Work kinds other than 'route' (agent replies, re-offers) handled on this one worker,
+        # so everything that changes a ticket after intake happens in order.
+        self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {"reoffer": self.route}
 
     def wake(self) -> None:
         self._wake.set()
@@ -96,7 +102,7 @@ class Router:
                 for item in await self.store.pending_work(limit=100):
                     if self._stopping:
                         return
-                    await self.route(item)
+                    await self.handlers.get(item.kind, self.route)(item)
                 if await self.store.pending_work(limit=1):
                     continue
             except Exception:
@@ -126,6 +132,7 @@ class Router:
             id=self.ids.ref(ticket.number), subject=ticket.subject, customer=ticket.customer,
             priority=ticket.priority, created_at=datetime.fromtimestamp(ticket.created_at, timezone.utc),
             team=ticket.team, agent=ticket.agent, is_followup=followup,
+            lapsed_agents=await lapsed_agents(self.store, ticket.number),
             customer_previous_agents=await self.store.customer_previous_agents(ticket.customer, ticket.number))
         result: RoutingResult = await self.chain.route(view, message, agents, self._state)
         if result.agent is not None:
@@ -148,7 +155,8 @@ class Router:
         routed = await self.decide(ticket, message, followup)
         message_id = self.ids.message_id(ticket.number)
         head = forward_head(self.ids, ticket.number, raw, agent=routed.agent or "(supervisor)",
-                            message_id=message_id, route_summary=routed.summary)
+                            message_id=message_id, route_summary=routed.summary,
+                            reply_to=self._replies.for_agent(ticket.number, routed.agent) if routed.agent else None)
         now = time.time()
 
         async def commit(tx: Tx) -> None:
@@ -173,7 +181,7 @@ class Router:
             await _done(tx, item.id, now)
 
         await self.store.transact(commit)
-        if not followup and routed.team:
+        if not followup and routed.team and item.kind == "route":
             self.metrics.ticket_created(routed.team)
         log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
                  routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
