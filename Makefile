@@ -1,13 +1,14 @@
 # gatewayd — the two commands a fresh machine needs:
 #   make run    create .venv, install, start gatewayd on loopback with etc/gatewayd.yaml
 #   make test   create .venv if needed, install, run the whole test suite
+#               (installs promtool first when missing: see test-deps)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test check-config clean
+.PHONY: run test test-deps check-config clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +23,17 @@ run: $(STAMP)
 check-config: $(STAMP)
 	$(VENV)/bin/gatewayd check-config -c etc/gatewayd.yaml
 
-test: $(STAMP)
+# promtool runs the alert-rule unit tests. Debian ships it in the prometheus
+# package; installed once, as root (or through sudo), quietly.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest
 
 clean:
