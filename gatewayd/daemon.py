@@ -33,7 +33,9 @@ from .intake import Intake
 from .listener import ListenerStats, SessionHandler, protocol_factory, start_server
 from .metrics import CONTENT_TYPE, Known, Metrics
 from .outbox import Outbox
+from .agent_reply import AgentReplies, dkim_signer
 from .router import Router
+from .sla import SlaClock
 from .store import Store
 
 log = logging.getLogger("gatewayd.daemon")
@@ -100,6 +102,7 @@ class Daemon:
         self.store: Store | None = None
         self.router: Router | None = None
         self.outbox: Outbox | None = None
+        self.sla: SlaClock | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -108,9 +111,15 @@ class Daemon:
         self.outbox = Outbox(config, self.store, self.metrics)
         self.router = Router(config, self.store, ids, self._chain, self.metrics, on_enqueued=self.outbox.wake)
         intake = Intake(config, self.store, ids, on_committed=self.router.wake)
+        replies = AgentReplies(lambda: self.config, self.store, ids, self.metrics, on_enqueued=self.outbox.wake,
+                               on_reoffer=self.router.wake, sign=dkim_signer(config))
+        self.router.handlers.update(agent_reply=replies.handle, handover=replies.handover)
+        self.sla = SlaClock(lambda: self.config, self.store, ids, on_reoffer=self.router.wake,
+                            on_enqueued=self.outbox.wake)
         loop = asyncio.get_running_loop()
         self._running.tasks += [loop.create_task(self.router.run(), name="router"),
-                                loop.create_task(self.outbox.run(), name="outbox")]
+                                loop.create_task(self.outbox.run(), name="outbox"),
+                                loop.create_task(self.sla.run(), name="sla")]
         self._prime(config)
         for listener in config.listeners:
             stats = ListenerStats()
@@ -221,6 +230,8 @@ class Daemon:
                         "(none of them had a 250; their clients will retry)", grace, abandoned)
         if self.router is not None:
             self.router.stop()
+        if self.sla is not None:
+            self.sla.stop()
         if self.outbox is not None:
             await self.outbox.stop(max(0.0, deadline - time.monotonic()))
         for task in self._running.tasks:

@@ -126,6 +126,9 @@ class Metrics:
         self.outbox_oldest_age = Gauge(
             "gatewayd_outbox_oldest_age_seconds", "Age of the oldest pending outbox item (0 when none)",
             registry=r)
+        self.replies_refused = Counter(
+            "gatewayd_agent_replies_refused", "Mail to a reply address that was not relayed, by reason",
+            ["reason"], registry=r)
         self.config_reloads = Counter(
             "gatewayd_config_reloads", "SIGHUP configuration reloads, by result", ["result"], registry=r)
         for result in RELOAD_RESULTS:
@@ -166,6 +169,10 @@ class Metrics:
 
     def acknowledged(self, team: str, seconds: float) -> None:
         self.ack_seconds.labels(team).observe(seconds)
+
+    def reply_refused(self, reason: str) -> None:
+        """Mail to a reply address that was not relayed (reason: auto_reply, not_owner, not_agent)."""
+        self.replies_refused.labels(reason).inc()
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()

@@ -21,6 +21,7 @@ from .config import Config
 from .metrics import Metrics
 from .relay import SendResult, send
 from .store import OutboxItem, Store, Tx, add_event
+from .webhook import post as post_webhook
 
 log = logging.getLogger("gatewayd.outbox")
 
@@ -92,7 +93,10 @@ class Outbox:
                     return
                 head, raw = await self.store.outbox_parts(item.id)
                 content = head if raw is None else assemble(head, raw)
-                result = await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
+                if item.kind == "webhook":
+                    result = await post_webhook(item.rcpt, content, self.config.relay.timeout)
+                else:
+                    result = await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
                 self.metrics.delivery_attempt(item.kind, result.outcome)
                 await self.store.transact(lambda tx: self._record(tx, item, result))
                 log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
