@@ -6,6 +6,9 @@ one of them replaces a field the original has (``Subject``, ``Message-ID``,
 ``X-Original-<Name>``, so a message carries each of those fields once. The
 new ``Subject`` reuses the original's raw bytes behind the tag, so no decoded
 customer text ever ends up in a header gatewayd writes (CVE-2024-6923).
+
+gatewayd's ``Authentication-Results`` goes on top too; any field in the
+original claiming the same authserv-id is a forgery and is left out.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def fold_ids(ids: list[str]) -> bytes:
 
 
 def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message_id: str,
-                 route_summary: str, reply_to: str | None = None) -> bytes:
+                 route_summary: str, reply_to: str | None = None,
+                 authentication_results: str | None = None) -> bytes:
     """gatewayd's header fields for the forward of ``raw`` on ticket ``number`` to ``agent``.
 
     ``reply_to`` is the agent's signed reply address, so the answer comes back
@@ -50,6 +54,7 @@ def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message
     for f in fields(block):
         original.setdefault(f.name, f.raw.partition(b":")[2])
     head = [
+        *([header("Authentication-Results", authentication_results)] if authentication_results else []),
         header("X-Gatewayd-Ticket", ids.ref(number)),
         header("X-Gatewayd-Agent", ascii_text(agent)),
         header("X-Gatewayd-Route", ascii_text(route_summary) or "-"),
@@ -73,18 +78,42 @@ def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message
     return b"".join(head)
 
 
+def authserv_id(value: str) -> str:
+    """The authserv-id of an ``Authentication-Results`` value (RFC 8601 § 2.2), lower-cased."""
+    match = re.match(r"\s*(?:\([^()]*\)\s*)*([^\s;()]+)", value)
+    return match.group(1).lower() if match else ""
+
+
 def assemble(head: bytes, raw: bytes) -> bytes:
-    """The bytes to send: ``head``, then ``raw`` with every field ``head`` replaces renamed."""
-    replaced = {f.name for f in fields(head)} & _REPLACEABLE
-    if not replaced:
+    """The bytes to send: ``head``, then ``raw`` with every field ``head`` replaces renamed.
+
+    ``Authentication-Results`` fields of ``raw`` naming the authserv-id of the
+    one in ``head`` are dropped, continuation lines included.
+    """
+    head_fields = list(fields(head))
+    replaced = {f.name for f in head_fields} & _REPLACEABLE
+    ours = {authserv_id(f.value) for f in head_fields if f.name == "authentication-results"}
+    if not replaced and not ours:
         return head + raw
     block, body = split_message(raw)
     if not block:
         return head + raw
-    out: list[bytes] = []
+    groups: list[list[bytes]] = []
     for line in block[:-2].split(CRLF) if block.endswith(CRLF) else block.split(CRLF):
+        if line[:1] in (b" ", b"\t") and groups:
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    out: list[bytes] = []
+    for group in groups:
+        line = group[0]
         match = re.match(rb"^([\x21-\x39\x3b-\x7e]+)([ \t]*:)", line)
-        if match and match.group(1).decode("ascii").lower() in replaced:
+        name = match.group(1).decode("ascii").lower() if match else ""
+        if name == "authentication-results" and ours:
+            value = unfold(CRLF.join(group)).partition(b":")[2].decode("utf-8", "replace")
+            if authserv_id(value) in ours:
+                continue
+        if match and name in replaced:
             line = b"X-Original-" + line
             if len(line) > _RFC_LINE:
                 # The rename made the line longer: fold right after the colon (FWS may open any of these fields).
@@ -92,4 +121,5 @@ def assemble(head: bytes, raw: bytes) -> bytes:
                 line = line[:name_end] + b"\r\n" + (b"" if line[name_end:name_end + 1] in (b" ", b"\t") else b" ") \
                     + line[name_end:]
         out.append(line)
+        out.extend(group[1:])
     return head + CRLF.join(out) + CRLF + CRLF + body

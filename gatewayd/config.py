@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from .addresses import AddressError, parse_mailbox
+from .business_hours import BusinessHours, parse_holidays, parse_timezone, parse_week
 from .errors import ConfigError, ConfigIssue
 from .units import DAYS, HOURS, KB, MB, MINUTES, SECONDS, parse_duration, parse_size
 
@@ -105,9 +106,42 @@ class MetricsConfig:
     address: Endpoint | None = None
 
 
+# Local parts of senders that are machines (matched case-insensitively, anywhere).
+DEFAULT_SUPPRESS_SENDERS: tuple[str, ...] = (
+    r"^(mailer-daemon|postmaster|abuse|root|daemon|nobody)$",
+    r"(^|[._+-])(no-?reply|do-?not-?reply)([._+-]|$)",
+    r"^bounces?([._+=-]|$)",
+    r"^owner-",
+    r"-request$",
+)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    """Receipts per sender address and per sender domain within ``window``, and per day overall."""
+
+    per_sender: int = 3
+    per_domain: int = 10
+    window: float = 10 * MINUTES
+    daily: int = 1000
+
+
 @dataclass(frozen=True)
 class AutoreplyConfig:
-    enabled: bool = True
+    """Receipts are opt-in: without an ``autoreply`` section gatewayd sends none."""
+
+    enabled: bool = False
+    followups: Literal["none", "acknowledge"] = "none"
+    rate: RateConfig = RateConfig()
+    suppress_senders: tuple[str, ...] = DEFAULT_SUPPRESS_SENDERS
+    templates: Any = None  # gatewayd.templates.Templates when enabled
+
+
+@dataclass(frozen=True)
+class AuthenticationConfig:
+    """What to do with mail whose DKIM verdict is fail (signed, and no signature holds)."""
+
+    unauthenticated: Literal["accept", "no_receipt", "reject"] = "accept"
 
 
 @dataclass(frozen=True)
@@ -115,6 +149,7 @@ class DkimConfig:
     domain: str
     selector: str
     key_file: Path
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
 
 
 @dataclass(frozen=True)
@@ -212,6 +247,8 @@ class Config:
     relay: RelayConfig
     metrics: MetricsConfig
     autoreply: AutoreplyConfig
+    authentication: AuthenticationConfig
+    business_hours: BusinessHours | None
     dkim: DkimConfig | None
     dns: DnsConfig
     sla: SlaConfig
@@ -510,7 +547,7 @@ def loads(text: str, name: str = "<config>", source: Path | None = None) -> Conf
 
 
 _TOP = {"hostname", "listeners", "store", "support", "tickets", "relay", "metrics", "autoreply",
-        "dkim", "dns", "sla", "teams", "agents", "routing", "fallback", "limits", "logging",
+        "authentication", "business_hours", "dkim", "dns", "sla", "teams", "agents", "routing", "fallback", "limits", "logging",
         "shutdown_grace", "plugin_paths"}
 
 
@@ -531,17 +568,12 @@ def _build(r: _Reader, data: dict[str, Any], source: Path) -> Config | None:
     metrics = r.section(data, "metrics", "metrics", {"address"})
     metrics_cfg = MetricsConfig(address=r.value(
         metrics, "address", "metrics.address", lambda v: parse_endpoint(v, allow_unix=False), None))
-    autoreply = r.section(data, "autoreply", "autoreply", {"enabled"})
-    autoreply_cfg = AutoreplyConfig(enabled=r.value(autoreply, "enabled", "autoreply.enabled", _bool, True))
-    dkim_cfg = None
-    if data.get("dkim") is not None:
-        dkim = r.section(data, "dkim", "dkim", {"domain", "selector", "key_file"})
-        if dkim:
-            dkim_cfg = DkimConfig(
-                domain=r.value(dkim, "domain", "dkim.domain", _hostname, ""),
-                selector=r.value(dkim, "selector", "dkim.selector", _name, ""),
-                key_file=r.value(dkim, "key_file", "dkim.key_file", lambda v: Path(_text(v)), Path()),
-            )
+    authentication = r.section(data, "authentication", "authentication", {"unauthenticated"})
+    authentication_cfg = AuthenticationConfig(unauthenticated=r.value(
+        authentication, "unauthenticated", "authentication.unauthenticated",
+        _choice("accept", "no_receipt", "reject"), "accept"))
+    business_hours_cfg = _business_hours(r, data)
+    dkim_cfg = _dkim(r, data)
     dns = r.section(data, "dns", "dns", {"resolver", "timeout"})
     dns_cfg = DnsConfig(
         resolver=r.value(dns, "resolver", "dns.resolver", lambda v: parse_endpoint(v, allow_unix=False), None),
@@ -550,6 +582,7 @@ def _build(r: _Reader, data: dict[str, Any], source: Path) -> Config | None:
     sla_cfg = _sla(r, data)
     teams = _teams(r, data)
     agents = _agents(r, data, {t.name for t in teams})
+    autoreply_cfg = _autoreply(r, data, source, [t.name for t in teams])
     routing = _routing(r, data)
     fallback = r.section(data, "fallback", "fallback", {"team"})
     fallback_team = r.value(fallback, "team", "fallback.team", _name, teams[0].name if teams else "")
@@ -570,7 +603,7 @@ def _build(r: _Reader, data: dict[str, Any], source: Path) -> Config | None:
     return Config(
         source=source, hostname=hostname, listeners=listeners, store=store_cfg, support=support,
         tickets=tickets_cfg, relay=relay_cfg, metrics=metrics_cfg, autoreply=autoreply_cfg,
-        dkim=dkim_cfg, dns=dns_cfg, sla=sla_cfg, teams=teams, agents=agents, routing=routing,
+        authentication=authentication_cfg, business_hours=business_hours_cfg, dkim=dkim_cfg, dns=dns_cfg, sla=sla_cfg, teams=teams, agents=agents, routing=routing,
         fallback=FallbackConfig(team=fallback_team), limits=limits_cfg, logging=logging_cfg,
         shutdown_grace=grace, plugin_paths=plugin_paths,
     )
@@ -689,6 +722,87 @@ def _relay(r: _Reader, data: Mapping[str, Any]) -> RelayConfig:
         concurrency=r.value(relay, "concurrency", "relay.concurrency", _positive_int, 4),
         starttls=r.value(relay, "starttls", "relay.starttls", _bool, False),
     )
+
+
+def _autoreply(r: _Reader, data: Mapping[str, Any], source: Path, teams: list[str]) -> AutoreplyConfig:
+    from .templates import load_templates
+
+    d = AutoreplyConfig()
+    autoreply = r.section(data, "autoreply", "autoreply",
+                          {"enabled", "followups", "rate", "suppress_senders", "templates"})
+    rate = r.section(autoreply, "rate", "autoreply.rate", {"per_sender", "per_domain", "window", "daily"})
+    rate_cfg = RateConfig(
+        per_sender=r.value(rate, "per_sender", "autoreply.rate.per_sender", _positive_int, d.rate.per_sender),
+        per_domain=r.value(rate, "per_domain", "autoreply.rate.per_domain", _positive_int, d.rate.per_domain),
+        window=r.value(rate, "window", "autoreply.rate.window", _positive_duration, d.rate.window),
+        daily=r.value(rate, "daily", "autoreply.rate.daily", _positive_int, d.rate.daily),
+    )
+    enabled = r.value(autoreply, "enabled", "autoreply.enabled", _bool, bool(autoreply))
+    followups = r.value(autoreply, "followups", "autoreply.followups", _choice("none", "acknowledge"), "none")
+    suppress = r.value(autoreply, "suppress_senders", "autoreply.suppress_senders",
+                       lambda v: tuple(_pattern(p) for p in _list(v)), d.suppress_senders)
+    directory = r.value(autoreply, "templates", "autoreply.templates", lambda v: Path(_text(v)), Path("templates"))
+    templates = None
+    if enabled and directory is not None:
+        kinds = ("receipt", "followup") if followups == "acknowledge" else ("receipt",)
+        try:
+            templates = load_templates(source.parent / directory, kinds, teams)
+        except ValueError as exc:
+            r.error("autoreply.templates", str(exc))
+    return AutoreplyConfig(enabled=enabled, followups=followups, rate=rate_cfg, suppress_senders=suppress,
+                           templates=templates)
+
+
+def _pattern(value: Any) -> str:
+    text = _text(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a valid regular expression: {exc}") from None
+    return text
+
+
+def _business_hours(r: _Reader, data: Mapping[str, Any]) -> BusinessHours | None:
+    section = r.section(data, "business_hours", "business_hours", {"timezone", "hours", "holidays"})
+    if not section:
+        return None
+    zone = r.value(section, "timezone", "business_hours.timezone", lambda v: parse_timezone(_text(v)), None,
+                   required=True)
+    week = r.value(section, "hours", "business_hours.hours", _week, None, required=True)
+    holidays = r.value(section, "holidays", "business_hours.holidays", lambda v: parse_holidays(_list(v)),
+                       frozenset())
+    if zone is None or week is None:
+        return None
+    return BusinessHours(timezone=zone, week=week, holidays=holidays)
+
+
+def _week(value: Any) -> tuple[tuple[tuple[int, int], ...], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of days to spans (mon-fri: \"09:00-17:00\"), not {_kind(value)}")
+    return parse_week(value)
+
+
+def _dkim(r: _Reader, data: Mapping[str, Any]) -> DkimConfig | None:
+    from .dkim import load_private_key
+
+    if data.get("dkim") is None:
+        return None
+    dkim = r.section(data, "dkim", "dkim", {"domain", "selector", "key_file", "algorithm"})
+    if not dkim:
+        return None
+    cfg = DkimConfig(
+        domain=r.value(dkim, "domain", "dkim.domain", _hostname, ""),
+        selector=r.value(dkim, "selector", "dkim.selector", _name, ""),
+        key_file=r.value(dkim, "key_file", "dkim.key_file", lambda v: Path(_text(v)), Path()),
+        algorithm=r.value(dkim, "algorithm", "dkim.algorithm", _choice("rsa-sha256", "ed25519-sha256"),
+                          "rsa-sha256"),
+    )
+    if cfg.key_file != Path():
+        try:
+            load_private_key(cfg.key_file, cfg.algorithm)
+        except ValueError as exc:
+            r.error("dkim.key_file", str(exc))
+    return cfg
 
 
 def _teams(r: _Reader, data: Mapping[str, Any]) -> tuple[TeamConfig, ...]:

@@ -4,6 +4,12 @@
 after one transaction holding the raw bytes, the ticket (new or threaded), an
 event and the routing work item is durable. Anything it cannot keep raises,
 and the listener answers ``4xx``.
+
+Before that, inbound DKIM is verified off the event loop under a deadline; the
+verdict is stored beside the raw bytes (which stay exactly as received) and
+becomes the ``Authentication-Results`` header of every forwarded copy. With
+``authentication.unauthenticated: reject``, a failed verdict is answered
+``550 5.7.1`` here, at DATA time, so nobody gets backscatter.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import NamedTuple
 from .addresses import extract_address
 from .config import Config
 from .correlate import Match, find_ticket
+from .dkim import Verdict, Verifier
 from .ids import TicketIds
 from .lifecycle import link, thread_onto
 from .rawmessage import HeaderSummary, decoded_text, has_bare_newline, normalize_newlines
@@ -70,10 +77,11 @@ class Intake:
     """Checks, threads and commits messages; ``on_committed`` wakes the router."""
 
     def __init__(self, config: Config, store: Store, ids: TicketIds,
-                 on_committed: Callable[[], None] = lambda: None) -> None:
+                 on_committed: Callable[[], None] = lambda: None, *, verifier: Verifier | None = None) -> None:
         self.config = config
         self.store = store
         self.ids = ids
+        self.verifier = verifier or Verifier.from_config(config.dns)
         self._on_committed = on_committed
         self._support = frozenset(a.lower() for a in config.support.addresses)
         self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
@@ -114,18 +122,22 @@ class Intake:
             prepared = await asyncio.to_thread(self.prepare, transaction.data)
         else:
             prepared = self.prepare(transaction.data)
-        now = time.time()
         for_support = any(self.recipient_kind(r) in ("support", "reply") for r in transaction.rcpt_tos)
+        verdict = await self.verifier.check(prepared.data) if for_support else None
+        if verdict is not None and verdict.failed and self.config.authentication.unauthenticated == "reject":
+            raise Refused("550 5.7.1 Message failed DKIM verification; not accepted")
+        now = time.time()
 
         async def work(tx: Tx) -> Accepted:
-            return await self._commit(tx, transaction, prepared, now, for_support)
+            return await self._commit(tx, transaction, prepared, now, verdict)
 
         accepted = await self.store.transact(work)
         if not accepted.duplicate:
             self._on_committed()
         return accepted
 
-    async def _commit(self, tx: Tx, t: Transaction, prepared: Prepared, now: float, for_support: bool) -> Accepted:
+    async def _commit(self, tx: Tx, t: Transaction, prepared: Prepared, now: float,
+                      verdict: Verdict | None) -> Accepted:
         data, headers, digest = prepared
         duplicate = await tx.fetchone(
             "SELECT ticket FROM messages WHERE digest = ? AND mail_from = ? AND message_id IS ? "
@@ -137,8 +149,8 @@ class Intake:
                             {"message_id": headers.message_id, "listener": t.listener}, at=now)
             return Accepted(self.ids.ref(number) if number else None, number, duplicate=True)
 
-        if not for_support:
-            await self._insert_message(tx, None, t, data, headers, digest, now)
+        if verdict is None:
+            await self._insert_message(tx, None, t, data, headers, digest, now, None)
             await add_event(tx, None, "bounce_received", {"mail_from": t.mail_from,
                                                           "message_id": headers.message_id}, at=now)
             return Accepted(None, None)
@@ -147,7 +159,7 @@ class Intake:
         senders = {a.lower() for a in (from_address, t.mail_from) if a}
         token = self._reply_token(t.rcpt_tos)
         if token is not None and token.role == "agent" and await self._ticket_exists(tx, token.ticket):
-            return await self._agent_mail(tx, token, t, prepared, now)
+            return await self._agent_mail(tx, token, t, prepared, now, verdict)
         match = Match(token.ticket, "reply-address") if token is not None else None
         if match is None or not await self._ticket_exists(tx, match.ticket):
             match = await find_ticket(tx, self.ids, headers, senders)
@@ -168,22 +180,26 @@ class Intake:
         for address in senders:
             await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, ?)",
                              (number, address, role))
-        message = await self._insert_message(tx, number, t, data, headers, digest, now)
+        message = await self._insert_message(tx, number, t, data, headers, digest, now, verdict)
         await add_event(tx, number, "message_received" if rule is None else "followup_received", {
             "message": message, "message_id": headers.message_id, "mail_from": t.mail_from,
-            "listener": t.listener, "size": len(data), "threaded_by": rule}, at=now)
+            "listener": t.listener, "size": len(data), "threaded_by": rule, "dkim": verdict.verdict}, at=now)
         await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('route', ?, ?, ?)",
                          (number, message, now))
+        autoreply = self.config.autoreply
+        if autoreply.enabled and (rule is None or autoreply.followups == "acknowledge"):
+            await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('receipt', ?, ?, ?)",
+                             (number, message, now))
         return Accepted(self.ids.ref(number), number, threaded_by=rule)
 
     async def _ticket_exists(self, tx: Tx, number: int) -> bool:
         return await tx.fetchone("SELECT 1 FROM tickets WHERE number = ?", (number,)) is not None
 
     async def _agent_mail(self, tx: Tx, token: ReplyToken, t: Transaction, prepared: Prepared,
-                          now: float) -> Accepted:
+                          now: float, verdict: Verdict) -> Accepted:
         """Mail to an agent's reply address: stored on the ticket; the reply worker decides what it is."""
         data, headers, digest = prepared
-        message = await self._insert_message(tx, token.ticket, t, data, headers, digest, now)
+        message = await self._insert_message(tx, token.ticket, t, data, headers, digest, now, verdict)
         await add_event(tx, token.ticket, "agent_mail_received", {
             "message": message, "message_id": headers.message_id, "mail_from": t.mail_from,
             "listener": t.listener, "size": len(data), "token_agent": token.agent}, at=now)
@@ -200,9 +216,11 @@ class Intake:
         return number
 
     async def _insert_message(self, tx: Tx, ticket: int | None, t: Transaction, data: bytes,
-                              headers: HeaderSummary, digest: str, now: float) -> int:
+                              headers: HeaderSummary, digest: str, now: float, verdict: Verdict | None) -> int:
+        auth = None if verdict is None else json.dumps(
+            verdict.to_json() | {"header": verdict.header_value(self.config.hostname)})
         return await tx.execute(
             "INSERT INTO messages (ticket, direction, listener, peer, mail_from, rcpt_to, message_id, digest, "
-            "size, raw, received_at) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "size, raw, received_at, auth) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ticket, t.listener, t.peer, t.mail_from, json.dumps(list(t.rcpt_tos)), headers.message_id,
-             digest, len(data), data, now))
+             digest, len(data), data, now, auth))

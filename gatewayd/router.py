@@ -5,11 +5,16 @@ so a slow or broken plugin can delay a forward but never lose a message or
 its acceptance. Each item is finished in one transaction: owner, event with
 the plugin trace, outbox row, work row marked done. A crash in between simply
 routes the item again on restart.
+
+``receipt`` work items (written by intake after a ticket's ``route`` item) go
+to the :class:`~gatewayd.responder.Responder` on this same worker, so a
+receipt is decided after the ticket is routed and can name its team.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .compose import forward_head
+from .compose import assemble, forward_head, header
 from .config import Config
 from .dispatch import RoutingChain, RoutingResult, TraceStep
 from .ids import TicketIds
@@ -26,6 +31,7 @@ from .metrics import Metrics
 from .plugin import AgentView, MessageView, TicketView
 from .reoffer import lapsed_agents
 from .reply_address import reply_addresses
+from .responder import Responder
 from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event
 
 log = logging.getLogger("gatewayd.router")
@@ -84,7 +90,9 @@ class Router:
         self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
         # Work kinds other than 'route' (agent replies, re-offers) handled on this one worker,
         # so everything that changes a ticket after intake happens in order.
-        self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {"reoffer": self.route}
+        self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {"reoffer": self.route,
+                                                                            "receipt": self.receipt}
+        self.responder = Responder(config, store, ids, metrics)
 
     def wake(self) -> None:
         self._wake.set()
@@ -93,6 +101,11 @@ class Router:
         """Takes a reloaded config; the next work item uses it."""
         self.config = config
         self.chain = chain
+        self.responder = Responder(config, self.store, self.ids, self.metrics)
+
+    async def receipt(self, item: WorkItem) -> None:
+        if await self.responder.handle(item):
+            self._on_enqueued()
 
     async def run(self) -> None:
         while not self._stopping:
@@ -149,14 +162,17 @@ class Router:
             await self.store.transact(lambda tx: _done(tx, item.id))
             return
         raw = await self.store.message_raw(record.id)
-        message = await asyncio.to_thread(message_view_from_bytes, raw, record.mail_from, record.rcpt_to,
+        results = await self._authentication_results(record.id)
+        seen = assemble(header("Authentication-Results", results), raw) if results else raw
+        message = await asyncio.to_thread(message_view_from_bytes, seen, record.mail_from, record.rcpt_to,
                                           max_depth=self.config.limits.mime_depth)
         followup = await self.store.first_message(ticket.number) != record.id
         routed = await self.decide(ticket, message, followup)
         message_id = self.ids.message_id(ticket.number)
         head = forward_head(self.ids, ticket.number, raw, agent=routed.agent or "(supervisor)",
                             message_id=message_id, route_summary=routed.summary,
-                            reply_to=self._replies.for_agent(ticket.number, routed.agent) if routed.agent else None)
+                            reply_to=self._replies.for_agent(ticket.number, routed.agent) if routed.agent else None,
+                            authentication_results=results)
         now = time.time()
 
         async def commit(tx: Tx) -> None:
@@ -186,6 +202,12 @@ class Router:
         log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
                  routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
         self._on_enqueued()
+
+
+    async def _authentication_results(self, message: int) -> str | None:
+        """The ``Authentication-Results`` value intake recorded for ``message`` (None before migration 3)."""
+        row = await self.store.fetchone("SELECT auth FROM messages WHERE id = ?", (message,))
+        return json.loads(row[0]).get("header") if row and row[0] else None
 
 
 async def _done(tx: Tx, work: int, now: float | None = None) -> None:

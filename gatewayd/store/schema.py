@@ -104,6 +104,23 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (plugin, key)
     ) WITHOUT ROWID;
     """,
+    # 3: inbound authentication verdicts and the receipts sent (rate-limit state).
+    """
+    ALTER TABLE messages ADD COLUMN auth TEXT;
+
+    CREATE TABLE autoreplies (
+        id      INTEGER PRIMARY KEY,
+        ticket  INTEGER REFERENCES tickets (number),
+        kind    TEXT NOT NULL,
+        rcpt    TEXT NOT NULL,
+        domain  TEXT NOT NULL,
+        at      REAL NOT NULL
+    );
+    CREATE INDEX autoreplies_rcpt ON autoreplies (rcpt, at);
+    CREATE INDEX autoreplies_domain ON autoreplies (domain, at);
+    CREATE INDEX autoreplies_at ON autoreplies (at);
+    CREATE INDEX autoreplies_ticket ON autoreplies (ticket, kind);
+    """,
 )
 
 LATEST = len(MIGRATIONS)
