@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     tickets = sub.add_parser("tickets", help="list and show tickets").add_subparsers(dest="action", metavar="ACTION")
     listing = tickets.add_parser("list", parents=[common], help="list tickets, newest first")
     listing.add_argument("--open", action="store_true", help="only open tickets")
+    listing.add_argument("--overdue", action="store_true", help="only open tickets past their response target")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_store_command(_tickets_list))
     show = tickets.add_parser("show", parents=[common], help="one ticket with its messages and events")
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     qlist.add_argument("--all", action="store_true", help="include sent items")
     qlist.add_argument("--json", action="store_true", help="machine-readable output")
     qlist.set_defaults(handler=_store_command(_queue_list))
+
+    report = sub.add_parser("report", parents=[common],
+                            help="per-agent and per-team counts and response times for a date range")
+    report.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD (local time)")
+    report.add_argument("--to", dest="end", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.set_defaults(handler=_store_command(_report))
 
     add_routing_parsers(sub, common)
     return parser
@@ -141,6 +149,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 async def _tickets_list(args: argparse.Namespace, config: Config, store: Any) -> int:
     ids = _ids(config)
     tickets = await store.tickets(open_only=args.open)
+    if args.overdue:
+        from .report import overdue_tickets
+
+        overdue = await overdue_tickets(store)
+        tickets = [t for t in tickets if t.number in overdue]
     if args.json:
         print(json.dumps([{**asdict(t), "id": ids.ref(t.number)} for t in tickets], indent=2, ensure_ascii=False))
         return 0
@@ -179,6 +192,23 @@ async def _tickets_show(args: argparse.Namespace, config: Config, store: Any) ->
               f"{json.dumps(detail, ensure_ascii=False, sort_keys=True)}")
         for step in event.detail.get("trace", []):
             print(f"      {step['plugin']:<14} {step['outcome']:<9} {step['ms']:>7.1f} ms  {step['reason']}")
+    return 0
+
+
+async def _report(args: argparse.Namespace, config: Config, store: Any) -> int:
+    from datetime import date, datetime, timedelta
+
+    from . import report
+
+    try:
+        first, last = date.fromisoformat(args.start), date.fromisoformat(args.end)
+    except ValueError as exc:
+        print(f"gatewayd: report: {exc} (dates look like 2025-03-31)", file=sys.stderr)
+        return 2
+    start = datetime.combine(first, datetime.min.time()).astimezone().timestamp()
+    end = datetime.combine(last + timedelta(days=1), datetime.min.time()).astimezone().timestamp()
+    figures = await report.build(store, start, end)
+    print(json.dumps(figures, indent=2, ensure_ascii=False) if args.json else report.render(figures))
     return 0
 
 

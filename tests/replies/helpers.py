@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import re
+import uuid
 from email import policy
 from email.message import EmailMessage
 
@@ -42,7 +43,7 @@ async def open_ticket(gateway, subject: str = "Printer on fire", extra: str = ""
 def agent_mail(agent: str, reply_to: str, body: str, *, subject: str = "Re: [SUP-1000] Printer on fire",
                extra: str = "") -> bytes:
     return (f"From: {agent.title()} <{agent}@agents.example.test>\r\nTo: {reply_to}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <a{abs(hash(body))}@agents.example.test>\r\n{extra}\r\n{body}").encode()
+            f"Message-ID: <{uuid.uuid4().hex}@agents.example.test>\r\n{extra}\r\n{body}").encode()
 
 
 async def answer(gateway, agent: str, reply_to: str, body: str, **kwargs) -> None:
