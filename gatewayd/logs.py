@@ -1,4 +1,10 @@
-"""Log output as one line per record, key=value or JSON, never with message bodies."""
+"""Log output as one line per record, key=value or JSON, never with message bodies.
+
+gatewayd's own records name envelopes, ticket IDs and outcomes, not content.
+Libraries are another matter below WARNING: aiosqlite logs every statement with
+its parameters (the raw message is one) and aiosmtpd every command line. So
+their DEBUG and INFO records are dropped at the handler, whatever the level.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import sys
 import time
 
 from .config import LoggingConfig
+
+OWN_LOGGER = "gatewayd"
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -29,15 +37,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class OwnRecordsOnly(logging.Filter):
+    """Passes gatewayd's records (plugins log as ``gatewayd.plugins.*``) at any level, others from WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.WARNING or record.name == OWN_LOGGER
+                or record.name.startswith(OWN_LOGGER + "."))
+
+
 def configure(config: LoggingConfig) -> None:
     """Installs gatewayd's handler on the root logger (stderr, which journald collects)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if config.format == "json" else KeyValueFormatter())
+    handler.addFilter(OwnRecordsOnly())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.level)
-    # aiosmtpd logs every command line at INFO (addresses included); our own
-    # per-transaction line replaces it.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
