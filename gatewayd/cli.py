@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -26,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if getattr(args, "standalone", False):
+        return int(args.handler(args) or 0)
     try:
         config = config_module.load(args.config)
         if args.command != "check-config":
@@ -45,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dkim_cli import add_parsers as add_dkim_parsers
     from .routing_cli import add_parsers as add_routing_parsers
 
     parser = argparse.ArgumentParser(prog="gatewayd", description="SMTP/LMTP gateway for support mail")
@@ -84,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(handler=_store_command(_report))
 
+    stores = sub.add_parser("store", help="the SQLite store").add_subparsers(dest="action", metavar="ACTION")
+    backup = stores.add_parser("backup", parents=[common],
+                               help="consistent copy of the store, safe while gatewayd runs")
+    backup.add_argument("path", metavar="PATH", type=Path, help="file to write; must not exist yet")
+    backup.set_defaults(handler=_store_backup)
+
     add_routing_parsers(sub, common)
+    add_dkim_parsers(sub)
     return parser
 
 
@@ -111,6 +122,15 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         await Daemon(config).run()
 
     asyncio.run(run())
+    return 0
+
+
+def _store_backup(args: argparse.Namespace, config: Config) -> int:
+    from .backup import backup
+
+    result = backup(config.store.path, args.path)
+    print(f"{config.store.path} -> {result.target}: {result.tickets} tickets, {result.size} bytes, "
+          f"schema version {result.schema_version}, integrity ok")
     return 0
 
 

@@ -33,13 +33,16 @@ RESPONSE_BUCKETS = (1 * MINUTE, 5 * MINUTE, 15 * MINUTE, 30 * MINUTE, 1 * HOUR, 
                     1 * DAY, 2 * DAY, 3 * DAY, 7 * DAY)
 
 TRANSACTION_OUTCOMES = ("accepted", "duplicate", "refused", "tempfail", "error")
-OUTBOX_KINDS = ("forward", "receipt", "reply", "alert")
+OUTBOX_KINDS = ("forward", "receipt", "reply", "alert", "webhook")
 OUTBOX_STATES = ("pending", "failed")
 DELIVERY_RESULTS = ("sent", "retry", "failed")
 AUTOREPLY_RESULTS = ("sent", "suppressed")
-# Why a receipt was not sent (RFC 3834 and DESIGN § Receipt); ``none`` goes with ``sent``.
-AUTOREPLY_REASONS = ("none", "disabled", "null_sender", "auto_submitted", "precedence", "list", "robot_sender",
-                     "own_address", "suppress_header", "rate_limited", "duplicate", "other")
+# Why a receipt was not sent: the reasons gatewayd.autoreply and the responder
+# decide on (RFC 3834 and DESIGN § Receipt); ``none`` goes with ``sent``.
+AUTOREPLY_REASONS = ("none", "disabled", "null_sender", "auto_submitted", "report", "precedence", "list",
+                     "suppress_header", "autoreply_header", "loop_header", "robot_sender", "own_address",
+                     "unauthenticated", "not_addressed", "rate_ticket", "rate_sender", "rate_domain", "rate_daily",
+                     "other")
 RELOAD_RESULTS = ("success", "failure")
 
 # Open tickets whose latest SLA event is ``overdue`` (the SLA clock writes it when

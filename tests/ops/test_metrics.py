@@ -9,7 +9,7 @@ from typing import Any
 from gatewayd.store import Tx, add_event
 from tests.conftest import Gateway
 from tests.ops.helpers import Scrape, scrape
-from tests.support.gateway import free_port
+from tests.support.gateway import REPO, free_port
 from tests.support.smtp import message, send_message
 
 # DESIGN.md § "Contract: metrics", with the names Prometheus sees.
@@ -41,7 +41,7 @@ async def eventually(port: int, check: Callable[[Scrape], bool], timeout: float 
         result = await scrape(port)
         if check(result):
             return result
-        assert loop.time() < deadline, "metrics never reached the expected state"
+        assert loop.time() < deadline, f"metrics never reached the expected state; last scrape: {result}"
         await asyncio.sleep(0.05)
 
 
@@ -53,53 +53,71 @@ async def mark(gw: Gateway, ticket: int, *kinds: str) -> None:
     await gw.store.transact(write)
 
 
+def receipts_on() -> str:
+    """Receipts with the shipped templates; DNS goes to an unused loopback port, never off the machine."""
+    return (f'autoreply: {{templates: "{REPO / "etc" / "templates"}"}}\n'
+            f"authentication: {{unauthenticated: accept}}\n"
+            f'dns: {{resolver: "127.0.0.1:{free_port()}", timeout: 1s}}\n')
+
+
 async def test_values_after_a_scripted_scenario_are_exact(gateway_factory: Callable[..., Any]) -> None:
     port = free_port()
-    gw: Gateway = await gateway_factory(metrics_port=port)
-    for n in range(3):
-        [reply] = await send_message(gw.smtp_port, message(f"Question {n}", message_id=f"<q{n}@customer.test>"))
-        assert reply.code == 250, reply
-    [again] = await send_message(gw.smtp_port, message("Question 0", message_id="<q0@customer.test>"))
-    assert again.code == 250 and again.text.endswith("SUP-1000"), again
-    [bare] = await send_message(gw.smtp_port, message("Bare", body="one\nbare LF\r\n"))
-    [loop] = await send_message(gw.smtp_port, message("Loop", extra=LOOP))
-    assert (bare.code, loop.code) == (550, 554)
-    [lmtp] = await send_message(gw.lmtp_port, message("Via LMTP", message_id="<l1@customer.test>"), lmtp=True)
-    assert lmtp.code == 250
-    await gw.sink.wait_for(4)
+    gw: Gateway = await gateway_factory(metrics_port=port, extra=receipts_on())
+
+    async def send(subject: str, n: int, extra: str = "", lmtp: bool = False) -> int:
+        sender = f"c{n}@customer{n}.test"
+        [reply] = await send_message(gw.lmtp_port if lmtp else gw.smtp_port,
+                                     message(subject, sender=sender, message_id=f"<m{n}@customer.test>",
+                                             extra=extra), mail_from=sender, lmtp=lmtp)
+        return reply.code
+
+    assert [await send(f"Question {n}", n) for n in range(3)] == [250] * 3
+    assert await send("Question 0", 0) == 250, "an upstream retry: a duplicate"
+    assert await send("Out of office", 3, "Auto-Submitted: auto-replied\r\n") == 250
+    assert await send("Newsletter", 4, "Precedence: bulk\r\n") == 250
+    assert await send("Bare", 5, "X-Bare: one\nLF\r\n") == 550
+    assert await send("Loop", 6, LOOP) == 554
+    assert await send("Via LMTP", 7, lmtp=True) == 250
+    await eventually(port, lambda s: s.value("gatewayd_delivery_attempts_total", kind="forward", result="sent") == 6
+                     and s.value("gatewayd_delivery_attempts_total", kind="receipt", result="sent") == 4)
     gw.sink.handler.answer = "550 5.7.1 Mailbox disabled"
-    [doomed] = await send_message(gw.smtp_port, message("Doomed", message_id="<d1@customer.test>"))
-    assert doomed.code == 250
+    assert await send("Doomed", 8, "Auto-Submitted: auto-generated\r\n") == 250
     await mark(gw, 1000, "overdue")
     await mark(gw, 1001, "overdue", "replied")
     await mark(gw, 1002, "replied", "overdue")
 
-    m = await eventually(port, lambda s: s.total("gatewayd_delivery_attempts_total", result="failed") == 1
+    m = await eventually(port, lambda s: s.value("gatewayd_outbox_messages", kind="forward", state="failed") == 1
+                         and s.total("gatewayd_autoreplies_total") == 7
                          and s.total("gatewayd_smtp_sessions_active") == 0)
 
-    assert m.value("gatewayd_messages_received_total", listener="smtp", outcome="accepted") == 4
+    assert m.value("gatewayd_messages_received_total", listener="smtp", outcome="accepted") == 6
     assert m.value("gatewayd_messages_received_total", listener="smtp", outcome="duplicate") == 1
     assert m.value("gatewayd_messages_received_total", listener="smtp", outcome="refused") == 2
     assert m.value("gatewayd_messages_received_total", listener="smtp", outcome="tempfail") == 0
     assert m.value("gatewayd_messages_received_total", listener="lmtp", outcome="accepted") == 1
-    assert m.value("gatewayd_smtp_transaction_seconds_count", listener="smtp") == 7
+    assert m.value("gatewayd_smtp_transaction_seconds_count", listener="smtp") == 9
     assert m.value("gatewayd_smtp_transaction_seconds_count", listener="lmtp") == 1
-    assert m.value("gatewayd_tickets_created_total", team="support") == 5
+    assert m.value("gatewayd_tickets_created_total", team="support") == 7
     assert m.value("gatewayd_tickets_created_total", team="security") == 0
     assert {l: v for l, v in m.series("gatewayd_routing_decisions_total").items() if v} == {
-        frozenset({("plugin", "round_robin"), ("agent", "alice")}): 3,
-        frozenset({("plugin", "round_robin"), ("agent", "bob")}): 2}
-    assert m.value("gatewayd_tickets_open", team="support", agent="alice") == 3
-    assert m.value("gatewayd_tickets_open", team="support", agent="bob") == 2
+        frozenset({("plugin", "round_robin"), ("agent", "alice")}): 4,
+        frozenset({("plugin", "round_robin"), ("agent", "bob")}): 3}
+    assert m.value("gatewayd_tickets_open", team="support", agent="alice") == 4
+    assert m.value("gatewayd_tickets_open", team="support", agent="bob") == 3
     assert m.value("gatewayd_tickets_open", team="security", agent="sam") == 0
     assert m.value("gatewayd_tickets_overdue", team="support", agent="alice") == 2
     assert m.value("gatewayd_tickets_overdue", team="support", agent="bob") == 0
     assert m.value("gatewayd_tickets_overdue", team="security", agent="sam") == 0
-    assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="sent") == 4
+    assert m.value("gatewayd_autoreplies_total", result="sent", reason="none") == 4
+    assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="auto_submitted") == 2
+    assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="precedence") == 1
+    assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="sent") == 6
     assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="failed") == 1
     assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="retry") == 0
+    assert m.value("gatewayd_delivery_attempts_total", kind="receipt", result="sent") == 4
+    assert m.value("gatewayd_delivery_attempts_total", kind="receipt", result="failed") == 0
     assert m.value("gatewayd_outbox_messages", kind="forward", state="failed") == 1
-    assert m.value("gatewayd_outbox_messages", kind="forward", state="pending") == 0
+    assert m.total("gatewayd_outbox_messages", state="pending") == 0
     assert m.value("gatewayd_outbox_oldest_age_seconds") == 0
     assert m.total("gatewayd_plugin_errors_total") == 0
     assert m.value("gatewayd_smtp_sessions_active", listener="smtp") == 0
@@ -127,13 +145,14 @@ async def test_store_gauges_are_right_immediately_after_a_restart(gateway_factor
         [reply] = await send_message(first.smtp_port, message(f"Relay down {n}", message_id=f"<r{n}@c.test>"))
         assert reply.code == 250
     await mark(first, 1000, "overdue")
-    before = await eventually(port, lambda s: s.total("gatewayd_outbox_messages", state="pending") == 2)
+    before = await eventually(
+        port, lambda s: s.value("gatewayd_outbox_messages", kind="forward", state="pending") == 2)
     await first.daemon.shutdown()
 
     second_port = free_port()
     second: Gateway = await gateway_factory(metrics_port=second_port)
     after = await scrape(second_port)
-    assert after.total("gatewayd_outbox_messages", kind="forward", state="pending") == 2
+    assert after.value("gatewayd_outbox_messages", kind="forward", state="pending") == 2
     assert after.total("gatewayd_tickets_open") == 2
     assert after.value("gatewayd_tickets_overdue", team="support", agent="alice") == 1
     assert after.value("gatewayd_outbox_oldest_age_seconds") >= before.value("gatewayd_outbox_oldest_age_seconds")
@@ -153,7 +172,7 @@ async def test_receipt_decisions_are_counted_with_a_bounded_reason(gateway_facto
     assert m.value("gatewayd_autoreplies_total", result="sent", reason="none") == 1
     assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="auto_submitted") == 2
     assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="other") == 1
-    assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="rate_limited") == 0
+    assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="rate_sender") == 0
     assert "evil" not in str(m.samples)
 
 
