@@ -228,6 +228,8 @@ def verify_blocking(message: bytes, dnsfunc: DnsFunc, timeout: float) -> Verdict
             result, reason = ("pass", "") if ok else ("fail", "signature or key did not verify")
         except DnsTemporaryError as exc:
             result, reason = "temperror", f"DNS: {exc}"
+        except dkim.ValidationError as exc:
+            result, reason = "fail", "body hash mismatch" if "body hash" in str(exc) else "invalid signature"
         except dkim.DKIMException as exc:
             result, reason = "permerror", type(exc).__name__
         signature = getattr(checker, "signature_fields", None) or {}
