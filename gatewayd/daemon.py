@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP
 
 from . import config as config_module
 from . import sdnotify
+from .agent_reply import AgentReplies, dkim_signer
 from .config import Config
 from .discovery import load_chain
 from .errors import ConfigError
@@ -33,7 +34,6 @@ from .intake import Intake
 from .listener import ListenerStats, SessionHandler, protocol_factory, start_server
 from .metrics import CONTENT_TYPE, Known, Metrics
 from .outbox import Outbox
-from .agent_reply import AgentReplies, dkim_signer
 from .router import Router
 from .sla import SlaClock
 from .store import Store
@@ -154,7 +154,7 @@ class Daemon:
             return 503, "text/plain", b"listeners down\n"
         try:
             writable = await asyncio.wait_for(self.store.writable(), HEALTH_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             writable = False
         if not writable:
             return 503, "text/plain", b"store not writable\n"

@@ -40,7 +40,7 @@ async def serve(host: str, port: int, routes: dict[str, Route]) -> asyncio.base_
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
             writer.write(head + (b"" if method == "HEAD" else body))
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
             pass
         finally:
             writer.close()

@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import REPO
 from tests.support.smtp import Client
@@ -106,7 +106,7 @@ class DaemonProcess:
     log: Path
 
     @classmethod
-    async def start(cls, config: Path, tmp: Path, *, name: str = "daemon") -> "DaemonProcess":
+    async def start(cls, config: Path, tmp: Path, *, name: str = "daemon") -> DaemonProcess:
         notify = NotifySocket(tmp / f"{name}.notify")
         log = tmp / f"{name}.log"
         env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONPATH": str(REPO)}

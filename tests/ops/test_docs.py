@@ -27,7 +27,7 @@ async def test_metrics_doc_matches_the_exposition(gateway_factory: Callable[...,
     await gateway_factory(metrics_port=port)
     result = await scrape(port)
     exported: dict[str, set[str]] = {}
-    for (name, labels), _ in result.samples.items():
+    for name, labels in result.samples:
         if name.startswith("gatewayd_") and not name.endswith("_created"):
             exported.setdefault(base_name(name), set()).update(k for k, _ in labels if k != "le")
     assert set(documented()) == set(exported)

@@ -218,7 +218,7 @@ async def test_label_values_never_come_from_message_content(gateway_factory: Cal
     m = await scrape(port)
     assert marker not in repr(m.samples)
     allowed = {"smtp", "lmtp", "support", "security", "alice", "bob", "sam", "round_robin", "fallback", ""}
-    for (name, labels), _ in m.samples.items():
+    for name, labels in m.samples:
         if name.startswith("gatewayd_") and name != "gatewayd_build_info":
             for key, value in labels:
                 if key in ("listener", "team", "agent", "plugin"):
