@@ -44,6 +44,8 @@ log = logging.getLogger("gatewayd.daemon")
 # store's own busy timeout (10 s) is far longer than that.
 HEALTH_TIMEOUT = 2.0
 _DRAIN_POLL = 0.05
+# Read once at start by the listeners, intake, outbox and store: a reload cannot change them.
+_RESTART_KEYS = ("hostname", "listeners", "store", "support", "tickets", "relay", "metrics", "limits", "logging")
 
 
 @dataclass
@@ -178,8 +180,10 @@ class Daemon:
         except Exception:
             log.exception("reload refused, keeping the running configuration: the routing chain failed to load")
             return self._reloaded(False)
-        if new.listeners != self.config.listeners or new.store != self.config.store:
-            log.warning("reload: listener and store changes need a restart; other changes applied")
+        pending = [key for key in _RESTART_KEYS if getattr(new, key) != getattr(self.config, key)]
+        if pending:
+            log.warning("reload: changes to %s take effect at the next restart; the rest is applied now",
+                        ", ".join(pending))
         self.config = new
         self._chain = chain
         if self.router is not None:

@@ -94,9 +94,10 @@ async def test_sighup_with_a_valid_config_changes_routing_without_dropping_conne
         text = path.read_text()
         assert "  - {name: bob, address: bob@agents.example.test, teams: [support]}\n" in text
         write(path, text.replace("  - {name: bob, address: bob@agents.example.test, teams: [support]}\n", "")
-              .replace("alice", "dave"))
+              .replace("alice", "dave").replace("gw.example.test", "gw2.example.test"))
         daemon.signal(signal.SIGHUP)
         await daemon.wait_for_log("configuration reloaded")
+        assert "changes to hostname take effect at the next restart" in daemon.log_text()
         await daemon.notify.wait_for("RELOADING=1")
 
         assert (await kept.cmd("MAIL FROM:<carol@customer.test>")).code == 250, "the open session survives"
