@@ -95,7 +95,7 @@ def assemble(head: bytes, raw: bytes) -> bytes:
     ours = {authserv_id(f.value) for f in head_fields if f.name == "authentication-results"}
     if not replaced and not ours:
         return head + raw
-    block, body = split_message(raw)
+    block, _ = split_message(raw)
     if not block:
         return head + raw
     groups: list[list[bytes]] = []
@@ -122,4 +122,5 @@ def assemble(head: bytes, raw: bytes) -> bytes:
                     + line[name_end:]
         out.append(line)
         out.extend(group[1:])
-    return head + CRLF.join(out) + CRLF + CRLF + body
+    # raw[len(block):] is the blank line and body, or nothing for a message that has no body.
+    return head + CRLF.join(out) + CRLF + raw[len(block):]

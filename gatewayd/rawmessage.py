@@ -91,7 +91,9 @@ class HeaderSummary:
             elif f.name == "x-gatewayd-ticket":
                 own += 1
             elif f.name not in first:
-                first[f.name] = f.value
+                # Bytes that are not UTF-8 become U+FFFD: these values are stored and bound
+                # into SQL, which refuses the lone surrogates of surrogateescape.
+                first[f.name] = f.value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         message_id = first.get("message-id", "").strip() or None
         return cls(
             message_id=message_id[:998] if message_id else None,
