@@ -7,35 +7,19 @@ import random
 import re
 import signal
 import sqlite3
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.support.gateway import free_port, write_config
+from tests.support.process import start_daemon
 from tests.support.smtp import Client, Sink, message
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = 20
 ROUNDS = 3
-
-
-async def start_daemon(config_path: Path, port: int, log: Path) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatewayd", "run", "-c", str(config_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("ab"))
-    for _ in range(200):
-        try:
-            client = await Client.connect(port)
-            await client.reply()
-            await client.close()
-            return process
-        except (ConnectionError, OSError):
-            await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"gatewayd did not start; see {log}")
 
 
 async def sender(port: int, worker: int, accepted: dict[str, str], stop: asyncio.Event) -> None:
