@@ -12,6 +12,7 @@ message content: the number of series stays bounded whatever mail arrives.
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -23,7 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from . import __version__
+from . import __version__, autoreply
 from .store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -46,24 +47,8 @@ DELIVERY_RESULTS = ("sent", "retry", "failed")
 AUTOREPLY_RESULTS = ("sent", "suppressed")
 # Why a receipt was not sent: the reasons gatewayd.autoreply and the responder
 # decide on (RFC 3834 and DESIGN § Receipt); ``none`` goes with ``sent``.
-AUTOREPLY_REASONS = ("none", "disabled", "null_sender", "auto_submitted", "report", "precedence", "list",
-                     "suppress_header", "autoreply_header", "loop_header", "robot_sender", "own_address",
-                     "unauthenticated", "not_addressed", "rate_ticket", "rate_sender", "rate_domain", "rate_daily",
-                     "other")
+AUTOREPLY_REASONS = ("none", "disabled", *autoreply.REASONS, "other")
 RELOAD_RESULTS = ("success", "failure")
-
-# Open tickets whose latest SLA event is ``overdue`` (the SLA clock writes it when
-# the first response is missed; a ``replied`` event after it ends the state).
-_OVERDUE_SQL = """
-    SELECT coalesce(t.team, ''), coalesce(t.agent, ''), count(*)
-    FROM tickets t
-    WHERE t.status = 'open'
-      AND (SELECT e.kind FROM events e
-           WHERE e.ticket = t.number AND e.kind IN ('overdue', 'replied')
-           ORDER BY e.id DESC LIMIT 1) = 'overdue'
-    GROUP BY 1, 2
-"""
-
 
 @dataclass(frozen=True)
 class Known:
@@ -218,7 +203,8 @@ class Metrics:
             open=tuple(tuple(r) for r in await store.fetchall(
                 "SELECT coalesce(team, ''), coalesce(agent, ''), count(*) FROM tickets "
                 "WHERE status = 'open' GROUP BY 1, 2")),
-            overdue=tuple(tuple(r) for r in await store.fetchall(_OVERDUE_SQL)),
+            overdue=tuple((team, agent, count) for (team, agent), count in
+                          Tally((team, agent) for _, team, agent in await store.overdue()).items()),
             outbox=tuple(tuple(r) for r in await store.fetchall(
                 "SELECT kind, state, count(*) FROM outbox WHERE state != 'sent' GROUP BY 1, 2")),
             oldest_pending=(await store.fetchone(

@@ -16,18 +16,8 @@ from .store import Store
 
 _ACTIONS = {"acked": "acked", "replied": "replied", "reassigned": "reassigned", "closed": "closed"}
 
-OVERDUE_SQL = """
-    SELECT t.number FROM tickets t
-    WHERE t.status = 'open'
-      AND (SELECT e.kind FROM events e
-           WHERE e.ticket = t.number AND e.kind IN ('overdue', 'replied')
-           ORDER BY e.id DESC LIMIT 1) = 'overdue'
-"""
-"""Open tickets whose latest SLA event is ``overdue``: the rule of the ``tickets_overdue`` gauge."""
-
-
 async def overdue_tickets(store: Store) -> set[int]:
-    return {row[0] for row in await store.fetchall(OVERDUE_SQL)}
+    return {number for number, _, _ in await store.overdue()}
 
 
 @dataclass(frozen=True)

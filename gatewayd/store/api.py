@@ -103,8 +103,24 @@ async def add_event(tx: Tx, ticket: int | None, kind: str, detail: dict[str, Any
     )
 
 
+# A ticket is overdue while it is open and its latest SLA event is ``overdue``
+# (the SLA clock writes it when the first response is missed; a ``replied`` event
+# ends the state). The gauge, ``tickets list --overdue`` and the report all use it.
+_OVERDUE_SQL = """
+    SELECT t.number, coalesce(t.team, ''), coalesce(t.agent, '') FROM tickets t
+    WHERE t.status = 'open'
+      AND (SELECT e.kind FROM events e
+           WHERE e.ticket = t.number AND e.kind IN ('overdue', 'replied')
+           ORDER BY e.id DESC LIMIT 1) = 'overdue'
+"""
+
+
 class Store(Database):
     """The gatewayd store. ``await Store.open(path)`` creates or upgrades it."""
+
+    async def overdue(self) -> list[tuple[int, str, str]]:
+        """``(ticket, team, agent)`` of every overdue ticket; team/agent are '' when unset."""
+        return [(r[0], r[1], r[2]) for r in await self.fetchall(_OVERDUE_SQL)]
 
     async def ticket(self, number: int) -> TicketRecord | None:
         row = await self.fetchone(f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE number = ?", (number,))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,8 @@ class Database:
 
 
 async def _probe(tx: Tx) -> None:
-    await tx.execute("CREATE TEMP TABLE IF NOT EXISTS probe (x)")
+    await tx.execute("INSERT INTO health (id, probed_at) VALUES (1, ?) "
+                     "ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at", (time.time(),))
 
 
 def _fail(batch: list[_Job], error: BaseException) -> None:

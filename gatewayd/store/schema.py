@@ -121,6 +121,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX autoreplies_at ON autoreplies (at);
     CREATE INDEX autoreplies_ticket ON autoreplies (ticket, kind);
     """,
+    # 4: one row the health check rewrites, so /healthz proves the main database
+    # (not a temp table) accepts a committed write: full disk, read-only mount.
+    """
+    CREATE TABLE health (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at  REAL NOT NULL
+    );
+    """,
 )
 
 LATEST = len(MIGRATIONS)

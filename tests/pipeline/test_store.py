@@ -330,3 +330,13 @@ class TestStoreFull:
         for label, outcome in (("before", outcomes[0]), ("after", outcomes[2])):
             assert isinstance(outcome, (int, StoreFull))
             assert (label in stored) == isinstance(outcome, int), (label, outcome, stored)
+
+
+class TestHealthProbe:
+    async def test_writable_commits_a_write_to_the_main_database(self, store: Store) -> None:
+        """A temp table would live outside the store file; the probe must prove the file itself takes writes."""
+        before = time.time()
+        assert await store.writable()
+        with sqlite3.connect(store.path) as other:
+            (probed_at,) = other.execute("SELECT probed_at FROM health WHERE id = 1").fetchone()
+        assert probed_at >= before
