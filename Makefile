@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-deps check-config clean
+.PHONY: run test test-deps integration-deps check-config clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,20 @@ test-deps:
 	  $(SUDO) apt-get update -qq >/dev/null && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test: $(STAMP) test-deps
+# tests/integration runs real Postfix and Dovecot instances (on loopback ports, in
+# temporary directories; the system services are never started). Postfix's debconf
+# question is preseeded to "No configuration" so the install never prompts.
+INTEGRATION_PACKAGES := postfix dovecot-lmtpd dovecot-imapd swaks libnet-ssleay-perl
+
+integration-deps:
+	@command -v postfix >/dev/null 2>&1 && command -v dovecot >/dev/null 2>&1 && command -v swaks >/dev/null 2>&1 || { \
+	  echo "installing $(INTEGRATION_PACKAGES)"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections && \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(INTEGRATION_PACKAGES) >/dev/null; }
+
+test: $(STAMP) test-deps integration-deps
 	$(PY) -m pytest
 
 clean:

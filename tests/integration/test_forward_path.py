@@ -1,0 +1,63 @@
+"""The forward path between real servers: customer → (Postfix →) gatewayd → Postfix → Dovecot → IMAP."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import MailPath
+
+pytestmark = pytest.mark.slow
+
+AGENTS = ("alice", "bob")
+
+
+def is_forward_of(subject: str):
+    return lambda m: "X-Gatewayd-Ticket" in m and subject in str(m.get("Subject", ""))
+
+
+async def assert_forwarded_once(path: MailPath, subject: str, body: str) -> None:
+    found = await path.wait_for_mail(AGENTS, is_forward_of(subject))
+    [(agent, forward)] = found
+    assert forward["X-Gatewayd-Agent"] == agent
+    ticket = forward["X-Gatewayd-Ticket"]
+    assert str(forward["Subject"]).startswith(f"[{ticket}] ")
+    assert forward["X-Original-Subject"] == subject
+    assert body in forward.get_content()
+    record = await path.gateway.store.ticket(int(ticket.split("-")[1]))
+    assert record is not None and record.agent == agent and record.customer == "carol@customer.test"
+
+
+class TestPostfixInFront:
+    @pytest.mark.parametrize("lmtp", ["tcp", "unix"])
+    async def test_mail_to_the_mx_becomes_a_ticket_in_one_agents_mailbox(self, mail_path, lmtp):
+        path = await mail_path(lmtp=lmtp)
+        subject = f"Printer on fire via {lmtp}"
+        transcript = await path.inject(port=path.postfix.port, subject=subject, body="It smokes.",
+                                       message_id=f"<{lmtp}@customer.test>")
+        assert "250 2.0.0 Ok: queued as" in transcript
+        await assert_forwarded_once(path, subject, "It smokes.")
+        listener = "lmtp-socket" if lmtp == "unix" else "lmtp"
+        [message] = await path.gateway.store.messages(1000)
+        assert message.listener == listener
+
+    async def test_mail_for_anyone_else_at_the_support_domain_bounces_at_the_mx(self, mail_path):
+        path = await mail_path()
+        await path.inject(port=path.postfix.port, subject="for nobody", to="nobody@example.test")
+        bounce = await path.wait_for_mail(("carol",), lambda m: "Undelivered" in str(m.get("Subject", "")))
+        assert "550 5.1.1" in bounce[0][1].as_string()
+        assert await path.gateway.store.tickets() == []
+
+
+class TestGatewaydAsMx:
+    async def test_smtp_straight_to_gatewayd(self, mail_path):
+        path = await mail_path()
+        transcript = await path.inject(port=path.gateway.smtp_port, subject="Direct", body="No MTA in front.")
+        assert "250 2.0.0 Ok: queued as SUP-1000" in transcript
+        await assert_forwarded_once(path, "Direct", "No MTA in front.")
+
+    async def test_starttls_with_a_self_signed_certificate(self, mail_path, certificate):
+        path = await mail_path(tls=certificate)
+        transcript = await path.inject(port=path.gateway.smtp_port, subject="Over TLS", body="Encrypted.",
+                                       extra=("--tls",))
+        assert "<~  250 2.0.0 Ok: queued as SUP-1000" in transcript, "the DATA reply came over TLS"
+        await assert_forwarded_once(path, "Over TLS", "Encrypted.")
