@@ -1,0 +1,223 @@
+"""gatewayd against smtp-sink and a throwaway Postfix relay, on this machine, in one run.
+
+    .venv/bin/python bench/run.py            # about 5 minutes; prints a Markdown table
+
+All load is loopback and bounded: a fixed message count per cell and a timeout
+per step. Needs Postfix (smtp-source, smtp-sink, postfix) installed; run as root
+(Postfix's ``smtp-sink -u`` and the throwaway instance need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.load import idle_connections, paced, percentile, smtp_source, time_to_250  # noqa: E402
+from bench.system import PeakRss, fsync_rate, rss_bytes  # noqa: E402
+from tests.support.gateway import config_text, free_port  # noqa: E402
+from tests.support.mta import Postfix, SmtpSink, scratch_dir, wait_for_port  # noqa: E402
+
+SIZES = {"4 KB": 4 * 1024, "100 KB": 100 * 1024}
+CONCURRENCY = (1, 10, 50)
+COUNTS = {(4096, 1): 200, (4096, 10): 1500, (4096, 50): 3000,
+          (102400, 1): 100, (102400, 10): 600, (102400, 50): 1200}
+LATENCY_SAMPLES = 500
+STEP_TIMEOUT = 180.0
+LIGHT_LOAD_COUNT = 200
+LIGHT_LOAD_RATE = 20.0
+
+
+@dataclass
+class Cell:
+    target: str
+    size: str
+    sessions: int
+    rate: float
+    p50: float
+    p99: float
+    rss: int
+    e2e_p50: float | None = None
+    e2e_p99: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Gatewayd:
+    """A gatewayd subprocess (bench/daemon.py) with a fresh store, relaying to ``relay_port``."""
+
+    def __init__(self, relay_port: int, max_connections: int = 1200) -> None:
+        self.root = scratch_dir("gw-bench-")
+        self.port = free_port()
+        self.stats_path = self.root / "stats.json"
+        text = config_text(self.root, smtp_port=self.port, lmtp_port=free_port(), relay_port=relay_port,
+                           limits=f"  max_connections: {max_connections}\n",
+                           extra='dns: {resolver: "127.0.0.1:9", timeout: 1s}\n')
+        (self.root / "gatewayd.yaml").write_text(text)
+        self.store = self.root / "gatewayd.sqlite3"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "daemon.py"), str(self.root / "gatewayd.yaml"), str(self.stats_path)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=(self.root / "gatewayd.log").open("wb"))
+        wait_for_port(self.port)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process else []
+
+    def stop(self) -> dict[str, int]:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        self.process = None
+        return json.loads(self.stats_path.read_text())
+
+    def drain(self, timeout: float) -> None:
+        """Waits until every forward is sent (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True) as db:
+                pending = db.execute("SELECT count(*) FROM work WHERE done_at IS NULL").fetchone()[0]
+                pending += db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+            if pending == 0:
+                return
+            time.sleep(0.2)
+
+    def end_to_end(self) -> tuple[list[float], int]:
+        """Seconds from intake to the relay's 250 for every forward, and the number of accepted messages."""
+        with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True) as db:
+            delays = [r[0] for r in db.execute(
+                "SELECT o.updated_at - m.received_at FROM outbox o JOIN messages m ON m.id = o.message "
+                "WHERE o.kind = 'forward' AND o.state = 'sent'")]
+            accepted = db.execute("SELECT count(*) FROM messages WHERE direction = 'in'").fetchone()[0]
+        return delays, accepted
+
+
+def postfix_delays(log: Path) -> list[float]:
+    """Postfix's own ``delay=`` (arrival to delivery) for every message it relayed."""
+    return [float(m.group(1)) for m in re.finditer(r"delay=([0-9.]+),[^\n]*status=sent", log.read_text())] \
+        if log.exists() else []
+
+
+def run_cell(target: str, port: int, pids, size: int, sessions: int) -> tuple[float, list[float], int]:
+    count = COUNTS[(size, sessions)]
+    with PeakRss(pids) as peak:
+        throughput = smtp_source(port, size, sessions, count, STEP_TIMEOUT)
+        samples = time_to_250(port, size, sessions, min(LATENCY_SAMPLES, count), STEP_TIMEOUT)
+    print(f"  {target:10} {size // 1024:>4} KB c={sessions:<3} {throughput.rate:8.0f} msg/s "
+          f"p50 {percentile(samples, .5) * 1000:6.1f} ms  p99 {percentile(samples, .99) * 1000:6.1f} ms",
+          file=sys.stderr)
+    return throughput.rate, samples, peak.peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+    cells: list[Cell] = []
+    ceiling = SmtpSink(free_port())
+    relay_sink = SmtpSink(free_port())
+    postfix = Postfix(scratch_dir("pf-bench-"), free_port(), settings={
+        "relayhost": f"[127.0.0.1]:{relay_sink.port}", "default_process_limit": "200",
+        "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0"})
+    try:
+        ceiling.start()
+        relay_sink.start()
+        postfix.start()
+        disk = fsync_rate(scratch_dir("fsync-"))
+        print(f"fsync rate: {disk:.0f}/s", file=sys.stderr)
+        for label, size in SIZES.items():
+            for sessions in CONCURRENCY:
+                assert ceiling.process is not None
+                rate, samples, rss = run_cell("smtp-sink", ceiling.port, lambda: [ceiling.process.pid], size, sessions)
+                cells.append(Cell("smtp-sink", label, sessions, rate, percentile(samples, .5),
+                                  percentile(samples, .99), rss))
+
+                before = len(postfix_delays(postfix.log))
+                rate, samples, rss = run_cell("postfix", postfix.port, postfix.pids, size, sessions)
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while not postfix.queue_is_empty() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(1.5)
+                delays = postfix_delays(postfix.log)[before:]
+                cells.append(Cell("postfix", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
+                                  rss, percentile(delays, .5), percentile(delays, .99)))
+
+                gateway = Gatewayd(relay_sink.port)
+                gateway.start()
+                rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
+                gateway.drain(STEP_TIMEOUT)
+                delays, accepted = gateway.end_to_end()
+                stats = gateway.stop()
+                cells.append(Cell("gatewayd", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
+                                  rss, percentile(delays, .5), percentile(delays, .99),
+                                  {"commits_per_message": stats["commits"] / max(1, accepted),
+                                   "accepted": accepted, "commits": stats["commits"]}))
+
+        gateway = Gatewayd(relay_sink.port)
+        gateway.start()
+        paced(gateway.port, 4096, LIGHT_LOAD_COUNT, LIGHT_LOAD_RATE, STEP_TIMEOUT)
+        gateway.drain(STEP_TIMEOUT)
+        light, _ = gateway.end_to_end()
+        gateway.stop()
+
+        gateway = Gatewayd(relay_sink.port)
+        gateway.start()
+        baseline = rss_bytes(gateway.pids())
+        held = idle_connections(gateway.port, 1000, 60)
+        time.sleep(1.0)
+        idle_rss = rss_bytes(gateway.pids())
+        for sock in held:
+            sock.close()
+        gateway.stop()
+    finally:
+        postfix.stop()
+        relay_sink.stop()
+        ceiling.stop()
+
+    print(render(cells, disk, baseline, idle_rss, light))
+    if args.json:
+        args.json.write_text(json.dumps({"fsync_per_s": disk, "idle_rss_baseline": baseline, "light_e2e": light,
+                                         "idle_rss_1000": idle_rss, "cells": [c.__dict__ for c in cells]}, indent=2))
+    return 0
+
+
+def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: list[float]) -> str:
+    def ms(value: float | None) -> str:
+        return "–" if value is None or value != value else f"{value * 1000:.1f}"
+
+    by_key = {(c.target, c.size, c.sessions): c for c in cells}
+    lines = ["| target | size | conc | msg/s | p50 to 250 (ms) | p99 to 250 (ms) | e2e p50 (ms) | e2e p99 (ms) "
+             "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for c in cells:
+        ratio_pf = ratio_sink = commits = ""
+        if c.target == "gatewayd":
+            ratio_pf = f"{c.rate / by_key[('postfix', c.size, c.sessions)].rate:.2f}"
+            ratio_sink = f"{c.rate / by_key[('smtp-sink', c.size, c.sessions)].rate:.2f}"
+            commits = f"{c.extra['commits_per_message']:.2f}"
+        lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
+                     f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} |")
+    lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
+              f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
+              f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms",
+              f"gatewayd RSS idle: {baseline / 2**20:.1f} MB; with 1,000 idle sessions: {idle_rss / 2**20:.1f} MB"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
