@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import resource
 import signal
@@ -24,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.load import idle_connections, paced, percentile, smtp_source, time_to_250  # noqa: E402
-from bench.system import PeakRss, fsync_rate, rss_bytes  # noqa: E402
-from tests.support.gateway import config_text, free_port  # noqa: E402
-from tests.support.mta import Postfix, SmtpSink, scratch_dir, wait_for_port  # noqa: E402
+from bench.load import idle_connections, paced, percentile, smtp_source, time_to_250
+from bench.system import PeakRss, fsync_rate, rss_bytes
+from tests.support.gateway import config_text, free_port
+from tests.support.mta import Postfix, SmtpSink, scratch_dir, wait_for_port
 
 SIZES = {"4 KB": 4 * 1024, "100 KB": 100 * 1024}
 CONCURRENCY = (1, 10, 50)
@@ -125,7 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
 
     cells: list[Cell] = []
@@ -198,11 +199,11 @@ def main() -> int:
 
 def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: list[float]) -> str:
     def ms(value: float | None) -> str:
-        return "–" if value is None or value != value else f"{value * 1000:.1f}"
+        return "–" if value is None or math.isnan(value) else f"{value * 1000:.1f}"
 
     by_key = {(c.target, c.size, c.sessions): c for c in cells}
-    lines = ["| target | size | conc | msg/s | p50 to 250 (ms) | p99 to 250 (ms) | e2e p50 (ms) | e2e p99 (ms) "
-             "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg |",
+    lines = [("| target | size | conc | msg/s | p50 to 250 (ms) | p99 to 250 (ms) | e2e p50 (ms) | e2e p99 (ms) "
+              "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg |"),
              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for c in cells:
         ratio_pf = ratio_sink = commits = ""
@@ -213,8 +214,8 @@ def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: 
         lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
                      f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} |")
     lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
-              f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
-              f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms",
+              (f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
+               f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms"),
               f"gatewayd RSS idle: {baseline / 2**20:.1f} MB; with 1,000 idle sessions: {idle_rss / 2**20:.1f} MB"]
     return "\n".join(lines)
 

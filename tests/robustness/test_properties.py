@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import pytest
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-LEAK = re.compile(r"Traceback|\(\w*(Error|Exception)\)|sqlite", re.I)
+LEAK = re.compile(r"Traceback|\(\w*(Error|Exception)\)|sqlite", re.IGNORECASE)
 REFUSALS = {500, 550, 552, 554}
 
 _names = st.sampled_from(["Subject", "From", "To", "Message-ID", "References", "Reply-To", "In-Reply-To",

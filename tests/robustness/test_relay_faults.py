@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -91,7 +92,7 @@ class TestLongOutage:
         assert owner is not gw, "the daemon was restarted during the outage"
         assert delays[0] == pytest.approx(60, abs=2)
         assert max(delays) == pytest.approx(HOUR, abs=2), "backoff doubles up to retry.max and stays there"
-        assert all(b >= a - 2 for a, b in zip(delays, delays[1:]))
+        assert all(b >= a - 2 for a, b in itertools.pairwise(delays))
 
         await relay.start()
         item = await step_to_next_attempt(owner)

@@ -34,7 +34,7 @@ async def dribble(port: int, every: float, deadline: float) -> tuple[float, str]
             try:
                 await client.send(payload[index:index + 1])
                 line = await asyncio.wait_for(client.reader.readline(), every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except ConnectionError:
                 return time.monotonic() - started, ""

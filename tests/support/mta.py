@@ -63,7 +63,7 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 def _tty_run(command: list[str]) -> str:
     """Runs a Postfix command with a pseudo-terminal: without syslog, that is where it reports errors."""
     done = subprocess.run(["script", "-qec", " ".join(command), "/dev/null"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stdout}{done.stderr}")
     return done.stdout
@@ -129,7 +129,7 @@ class Postfix:
 
     def stop(self) -> None:
         subprocess.run(["script", "-qec", f"postfix -c {self.config_dir} stop", "/dev/null"],
-                       capture_output=True, timeout=60)
+                       capture_output=True, timeout=60, check=False)
         pid_file = self.root / "queue" / "pid" / "master.pid"
         deadline = time.monotonic() + 10
         while pid_file.exists() and time.monotonic() < deadline:
@@ -147,7 +147,7 @@ class Postfix:
         """The master and all its children, for RSS sampling."""
         pid_file = self.root / "queue" / "pid" / "master.pid"
         master = int(pid_file.read_text().strip())
-        children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True, check=False).stdout.split()
         return [master, *(int(c) for c in children)]
 
 

@@ -26,7 +26,7 @@ class Bystander:
         self._task: asyncio.Task[None] | None = None
         self._client: Client | None = None
 
-    async def __aenter__(self) -> "Bystander":
+    async def __aenter__(self) -> Bystander:
         self._client = await Client.connect(self.port)
         await self._client.greet()
         self._task = asyncio.get_running_loop().create_task(self._ask())
@@ -51,7 +51,7 @@ class Bystander:
             self.answers += 1
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def assert_responsive(self, within: float = 1.0) -> None:

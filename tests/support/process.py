@@ -37,7 +37,7 @@ async def run_gatewayd(*args: str, timeout: float = 30) -> tuple[int, str]:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         _, err = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
         raise AssertionError(f"gatewayd {' '.join(args)} still running after {timeout}s") from None

@@ -71,7 +71,7 @@ class ScriptedRelay:
                     return
                 else:
                     await self._say(writer, "250 2.0.0 ok")
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
             writer.close()
