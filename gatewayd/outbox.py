@@ -16,10 +16,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from .agent_mail import notice
 from .compose import assemble
 from .config import Config
+from .ids import TicketIds
 from .metrics import Metrics
+from .outgoing import enqueue
 from .relay import SendResult, send
+from .reoffer import reoffer
 from .store import OutboxItem, Store, Tx, add_event
 from .webhook import post as post_webhook
 
@@ -39,6 +43,8 @@ class Outbox:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(config.relay.concurrency)
         self._stopping = False
+        self._held: dict[int, float] = {}
+        self._ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
 
     def wake(self) -> None:
         """Something new is due: look now instead of at the next poll."""
@@ -74,14 +80,18 @@ class Outbox:
         free = self.config.relay.concurrency * 4 - len(self._inflight)
         if free <= 0:
             return
-        for item in await self.store.due_outbox(self.clock(), free + len(self._inflight)):
-            if item.id in self._inflight or self._stopping:
+        now = self.clock()
+        self._held = {item: until for item, until in self._held.items() if until > now}
+        for item in await self.store.due_outbox(now, free + len(self._inflight) + len(self._held)):
+            if item.id in self._inflight or item.id in self._held or self._stopping:
                 continue
             task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"deliver-{item.id}")
             self._inflight[item.id] = task
 
     async def _until_next_due(self) -> float:
-        due = await self.store.next_outbox_due(excluding=tuple(self._inflight))
+        due = await self.store.next_outbox_due(excluding=(*self._inflight, *self._held))
+        if self._held:
+            due = min(filter(None, (due, min(self._held.values()))))
         if due is None:
             return _IDLE_POLL
         return min(_IDLE_POLL, max(0.0, due - self.clock()))
@@ -103,7 +113,11 @@ class Outbox:
                          item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome,
                          result.reply)
         except Exception:
-            log.exception("delivery of outbox item %d failed unexpectedly; it stays pending", item.id)
+            # Held back for one retry interval: an item whose attempt cannot be
+            # recorded (store full) must not be resent in a tight loop.
+            self._held[item.id] = self.clock() + self.config.relay.retry.first
+            log.exception("delivery of outbox item %d failed unexpectedly; it stays pending and is retried in %gs",
+                          item.id, self.config.relay.retry.first)
         finally:
             self._inflight.pop(item.id, None)
             self._wake.set()
@@ -127,3 +141,33 @@ class Outbox:
             "WHERE id = ?",
             (state, attempts, next_at, None if state == "sent" else result.reply, now, item.id))
         await add_event(tx, item.ticket, kind, detail, at=now)
+        if state == "failed":
+            await self._after_permanent_failure(tx, item, result, now)
+
+    async def _after_permanent_failure(self, tx: Tx, item: OutboxItem, result: SendResult, now: float) -> None:
+        """Never silently dropped: a forward goes to another agent (or the supervisor hears of it),
+        an agent's undeliverable reply is reported back to that agent. Receipts, alerts and
+        webhooks end with the event above: alerting about an alert would loop."""
+        if item.ticket is None or item.kind not in ("forward", "reply"):
+            return
+        if item.kind == "forward" and item.agent and await reoffer(tx, item.ticket, item.agent, "delivery_failed", now):
+            return
+        ticket = self._ids.ref(item.ticket)
+        if item.kind == "reply" and item.agent and (agent := self.config.agent(item.agent)) is not None:
+            rcpt, subject = agent.address, f"[{ticket}] Your reply could not be delivered"
+            text = (f"Your reply on {ticket} to <{item.rcpt}> was refused permanently.\n"
+                    f"The relay answered: {result.reply}\n")
+        else:
+            row = await tx.fetchone("SELECT team FROM tickets WHERE number = ?", (item.ticket,))
+            team = self.config.team(row[0] if row and row[0] else self.config.fallback.team)
+            if team is None:
+                return
+            rcpt, subject = team.supervisor, f"[{ticket}] Undeliverable forward needs an owner"
+            text = (f"The forward of {ticket} to <{item.rcpt}> failed permanently and no other agent "
+                    f"could take it.\nThe relay answered: {result.reply}\n")
+        message_id = self._ids.message_id(item.ticket)
+        content = notice(sender=self.config.support.addresses[0], rcpt=rcpt, subject=subject, text=text,
+                         message_id=message_id, ticket=ticket)
+        await enqueue(tx, kind="alert", ticket=item.ticket, rcpt=rcpt, mail_from=self.config.support.bounce_address,
+                      message_id=message_id, content=content, now=now)
+        await add_event(tx, item.ticket, "failure_reported", {"item": item.id, "to": rcpt}, actor="gatewayd", at=now)

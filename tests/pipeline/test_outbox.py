@@ -132,3 +132,43 @@ class TestRestart:
 async def _attempted(store: Store) -> bool:
     item = await forward_item(store)
     return item is not None and item.attempts >= 1
+
+
+class TestNeverSilentlyDropped:
+    async def test_a_forward_refused_permanently_goes_to_another_agent(self, gateway, sink):
+        sink.handler.answer = "550 5.1.1 mailbox unavailable"
+        await send_message(gateway.smtp_port, message())
+        await wait_until(lambda: _state_is(gateway.store, "failed"))
+        sink.handler.answer = None
+        [forward] = await sink.wait_for(1, timeout=15)
+        assert forward.rcpt_tos == ["bob@agents.example.test"]
+        ticket = await gateway.store.ticket(1000)
+        assert ticket.agent == "bob"
+        reoffered = [e for e in await gateway.store.events(1000) if e.kind == "reoffered"]
+        assert reoffered[0].detail == {"lapsed": "alice", "reason": "delivery_failed"}
+
+    async def test_when_nobody_else_can_take_it_the_supervisor_is_told(self, gateway, sink):
+        await gateway.store.set_agent_away("bob", True, "test")
+        refused = "550 5.1.1 mailbox unavailable"
+        sink.handler.refuse = {"alice@agents.example.test": refused, "lead@example.test": refused}
+        await send_message(gateway.smtp_port, message())
+
+        async def supervisor_told() -> bool:
+            return any(e.kind == "failure_reported" for e in await gateway.store.events(1000))
+        await wait_until(supervisor_told, timeout=15)
+        [alert] = await sink.wait_for(1, timeout=15)
+        assert alert.rcpt_tos == ["lead@example.test"]
+        assert b"Auto-Submitted: auto-generated" in alert.content
+        assert b"Undeliverable forward" in alert.content
+
+    async def test_an_attempt_that_cannot_be_recorded_is_not_resent_in_a_tight_loop(self, gateway, sink, monkeypatch):
+        from gatewayd.errors import StoreFull
+        from gatewayd.outbox import Outbox
+
+        async def store_full(self, tx, item, result):
+            raise StoreFull("database or disk is full")
+        monkeypatch.setattr(Outbox, "_record", store_full)
+        await send_message(gateway.smtp_port, message())
+        await sink.wait_for(1)
+        await asyncio.sleep(1.0)
+        assert len(sink.received) <= 8, "retried at most once per retry.first (0.2s), not in a loop"

@@ -115,15 +115,19 @@ class Received:
 
 @dataclass
 class SinkHandler:
-    """Records what the gateway relays; ``answer`` can make it refuse (e.g. '451 ...', '550 ...')."""
+    """Records what the gateway relays; ``answer`` refuses everything, ``refuse`` maps recipients to one refusal each."""
 
     received: list[Received] = field(default_factory=list)
     answer: str | None = None
+    refuse: dict[str, str] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.answer:
             return self.answer
+        for rcpt in envelope.rcpt_tos:
+            if rcpt in self.refuse:
+                return self.refuse.pop(rcpt)
         self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         self.arrived.set()
         return "250 2.0.0 queued"
