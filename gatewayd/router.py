@@ -25,6 +25,7 @@ from typing import Any
 from .compose import assemble, forward_head, header
 from .config import Config
 from .dispatch import RoutingChain, RoutingResult, TraceStep
+from .errors import StoreError
 from .ids import TicketIds
 from .message_view import message_view_from_bytes
 from .metrics import Metrics
@@ -37,6 +38,7 @@ from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event
 log = logging.getLogger("gatewayd.router")
 
 _RETRY_AFTER_ERROR = 5.0
+_MAX_FAILURES = 3
 
 
 class StorePluginState:
@@ -87,6 +89,8 @@ class Router:
         self._wake = asyncio.Event()
         self._state = StorePluginState(store)
         self._stopping = False
+        self._held: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
         self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
         # Work kinds other than 'route' (agent replies, re-offers) handled on this one worker,
         # so everything that changes a ticket after intake happens in order.
@@ -112,19 +116,56 @@ class Router:
             self._wake.clear()
             delay = 5.0
             try:
+                progressed = False
                 for item in await self.store.pending_work(limit=100):
                     if self._stopping:
                         return
-                    await self.handlers.get(item.kind, self.route)(item)
-                if await self.store.pending_work(limit=1):
+                    if self._held.get(item.id, 0.0) <= time.monotonic():
+                        progressed = await self._handle(item) or progressed
+                if progressed and await self.store.pending_work(limit=1):
                     continue
+                if self._held:
+                    delay = max(0.05, min(delay, min(self._held.values()) - time.monotonic()))
             except Exception:
-                log.exception("routing failed; the work item stays queued and is retried")
+                log.exception("reading the work queue failed; retrying in %.0fs", _RETRY_AFTER_ERROR)
                 delay = _RETRY_AFTER_ERROR
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
+
+    async def _handle(self, item: WorkItem) -> bool:
+        """Runs one work item; a failing item is held back and retried, never blocking the others.
+
+        Store trouble is retried for as long as it lasts. Any other failure is a
+        defect or hostile input: after ``_MAX_FAILURES`` tries the item is set
+        aside with a ``work_failed`` event (the message stays stored, visible in
+        ``tickets show``) so the queue behind it keeps moving.
+        """
+        try:
+            await self.handlers.get(item.kind, self.route)(item)
+        except StoreError as exc:
+            log.warning("work item %d (%s) waits for the store: %s", item.id, item.kind, exc)
+            self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR
+            return False
+        except Exception as exc:
+            failures = self._failures.get(item.id, 0) + 1
+            self._failures[item.id] = failures
+            log.exception("work item %d (%s) for ticket %s failed (%d of %d tries)",
+                          item.id, item.kind, self.ids.ref(item.ticket), failures, _MAX_FAILURES)
+            if failures < _MAX_FAILURES:
+                self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR * failures
+                return False
+            detail = {"work": item.id, "kind": item.kind, "message": item.message,
+                      "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+            async def give_up(tx: Tx) -> None:
+                await add_event(tx, item.ticket, "work_failed", detail, actor="gatewayd")
+                await _done(tx, item.id)
+            await self.store.transact(give_up)
+        self._held.pop(item.id, None)
+        self._failures.pop(item.id, None)
+        return True
 
     def stop(self) -> None:
         self._stopping = True
