@@ -122,6 +122,9 @@ class SessionHandler:
         except StoreError as exc:
             log.error("store error during DATA from %s: %s", transaction.peer, exc)
             return "451 4.3.0 Temporary local problem, try again later", "tempfail", None
+        except Exception:
+            log.exception("unexpected error during DATA from %s", transaction.peer)
+            return "451 4.3.0 Temporary local problem, try again later", "error", None
         ref = accepted.ticket or "bounce"
         return f"250 2.0.0 Ok: queued as {ref}", "duplicate" if accepted.duplicate else "accepted", ref
 
@@ -214,7 +217,21 @@ class GatewaySMTP(_GatewayProtocol):
 
 
 class GatewayLMTP(_GatewayProtocol, LMTP):
-    pass
+    _data_rcpts = 0
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._data_rcpts = len(self.envelope.rcpt_tos) if self.envelope else 0
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_rcpts = 0
+
+    async def push(self, status: Any) -> None:
+        """aiosmtpd answers an oversize or over-long DATA with one line; LMTP owes one per recipient."""
+        if self._data_rcpts > 1 and isinstance(status, str) and status[:1] in "45" and "\r\n" not in status:
+            status = "\r\n".join([status] * self._data_rcpts)
+        await super().push(status)
 
 
 def tls_context(listener: ListenerConfig) -> ssl.SSLContext | None:

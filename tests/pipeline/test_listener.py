@@ -145,6 +145,27 @@ class TestLmtp:
                                      rcpts=("support@example.test", "help@example.test"))
         assert [(r.code, r.text[:5]) for r in replies] == [(451, "4.3.0")] * 2
 
+    async def test_an_unexpected_error_still_answers_every_recipient(self, gateway, monkeypatch):
+        async def explode(self, transaction):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(Intake, "accept", explode)
+        replies = await send_message(gateway.lmtp_port, message(), lmtp=True,
+                                     rcpts=("support@example.test", "help@example.test"))
+        assert [r.code for r in replies] == [451, 451]
+
+    async def test_oversize_data_is_refused_once_per_recipient_and_the_session_stays_in_step(self, gateway_factory):
+        gw = await gateway_factory(limits="  max_message_size: 10KB\n")
+        client = await Client.connect(gw.lmtp_port)
+        await client.greet(lmtp=True)
+        await client.cmd("MAIL FROM:<carol@customer.test>")
+        await client.cmd("RCPT TO:<support@example.test>")
+        await client.cmd("RCPT TO:<help@example.test>")
+        replies = await client.data(message(body="x" * 500 + "\r\n") * 30, rcpt_count=2)
+        after = await client.cmd("NOOP")
+        await client.close()
+        assert [r.code for r in replies] == [552, 552]
+        assert after.code == 250
+
     async def test_lmtp_on_a_unix_socket(self, gateway_factory, tmp_path):
         path = str(tmp_path / "lmtp.sock")
         gw = await gateway_factory(lmtp_socket=path)
