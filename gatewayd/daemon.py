@@ -13,6 +13,7 @@ line and the running configuration stays. Connections are never dropped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -45,7 +46,8 @@ log = logging.getLogger("gatewayd.daemon")
 HEALTH_TIMEOUT = 2.0
 _DRAIN_POLL = 0.05
 # Read once at start by the listeners, intake, outbox and store: a reload cannot change them.
-_RESTART_KEYS = ("hostname", "listeners", "store", "support", "tickets", "relay", "metrics", "limits", "logging")
+_RESTART_KEYS = ("hostname", "listeners", "store", "support", "tickets", "relay", "metrics", "limits", "logging",
+                 "dns")
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Daemon:
         self._sessions = Sessions()
         self.store: Store | None = None
         self.router: Router | None = None
+        self._intake: Intake | None = None
         self.outbox: Outbox | None = None
         self.sla: SlaClock | None = None
 
@@ -112,7 +115,7 @@ class Daemon:
         ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
         self.outbox = Outbox(config, self.store, self.metrics)
         self.router = Router(config, self.store, ids, self._chain, self.metrics, on_enqueued=self.outbox.wake)
-        intake = Intake(config, self.store, ids, on_committed=self.router.wake)
+        intake = self._intake = Intake(config, self.store, ids, on_committed=self.router.wake)
         replies = AgentReplies(lambda: self.config, self.store, ids, self.metrics, on_enqueued=self.outbox.wake,
                                on_reoffer=self.router.wake, sign=dkim_signer(config))
         self.router.handlers.update(agent_reply=replies.handle, handover=replies.handover)
@@ -184,7 +187,12 @@ class Daemon:
         if pending:
             log.warning("reload: changes to %s take effect at the next restart; the rest is applied now",
                         ", ".join(pending))
+            # Every part must keep seeing the running values of these sections, or
+            # e.g. intake (old secret) and the reply path (new secret) would disagree.
+            new = dataclasses.replace(new, **{key: getattr(self.config, key) for key in pending})
         self.config = new
+        if self._intake is not None:
+            self._intake.config = new
         self._chain = chain
         if self.router is not None:
             self.router.reconfigure(new, chain)

@@ -31,3 +31,15 @@ async def test_a_work_item_that_keeps_failing_is_set_aside_and_the_rest_flows(ga
     [failed] = [e for e in await gateway.store.events(1000) if e.kind == "work_failed"]
     assert failed.detail["kind"] == "route" and "RecursionError" in failed.detail["error"]
     assert await gateway.store.pending_work() == []
+
+
+async def test_a_reload_keeps_restart_only_sections_for_every_part(gateway):
+    """Intake and the reply path must agree on the secret until a restart, or replies are lost."""
+    text = gateway.config_path.read_text()
+    gateway.config_path.write_text(text.replace("test-secret-123", "another-secret-456")
+                                   .replace("{name: bob,", "{name: bobby,"))
+    assert gateway.daemon.reload()
+    config = gateway.daemon.config
+    assert config.support.reply_secret == "test-secret-123"
+    assert [a.name for a in config.agents] == ["alice", "bobby", "sam"]
+    assert gateway.daemon._intake.config is config
