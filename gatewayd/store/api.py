@@ -104,13 +104,13 @@ async def add_event(tx: Tx, ticket: int | None, kind: str, detail: dict[str, Any
 
 
 # A ticket is overdue while it is open and its latest SLA event is ``overdue``
-# (the SLA clock writes it when the first response is missed; a ``replied`` event
-# ends the state). The gauge, ``tickets list --overdue`` and the report all use it.
+# (the SLA clock writes it when the first response is missed; a ``replied`` or ``reopened`` event
+# ends the state, as in sla.clock_state). The gauge, ``tickets list --overdue`` and the report all use it.
 _OVERDUE_SQL = """
     SELECT t.number, coalesce(t.team, ''), coalesce(t.agent, '') FROM tickets t
     WHERE t.status = 'open'
       AND (SELECT e.kind FROM events e
-           WHERE e.ticket = t.number AND e.kind IN ('overdue', 'replied')
+           WHERE e.ticket = t.number AND e.kind IN ('overdue', 'replied', 'reopened')
            ORDER BY e.id DESC LIMIT 1) = 'overdue'
 """
 
