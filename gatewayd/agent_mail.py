@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import formatdate, getaddresses
+from email.utils import formatdate
+
+from .addresses import extract_address
 
 _OOF_SUBJECT = re.compile(r"^\s*(automatic reply|auto(matic)?[- ]?response|out of (the )?office|autoreply)\b",
                           re.IGNORECASE)
@@ -25,6 +27,8 @@ _INTERNAL_LINE = re.compile(
     r"^[ \t>]*(x-gatewayd-[\w-]+|x-original-[\w-]+|reply-to|return-path|delivered-to|received)[ \t]*:.*$",
     re.IGNORECASE | re.MULTILINE)
 _TAG = re.compile(r"<[^>]{0,2000}>")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_FILENAME = 200
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,71 @@ class AgentMail:
     text: str
     auto_reply: bool
     attachments: tuple[Attachment, ...]
+    # The MIME structure could not be read (too deep, parser failure): nothing of it may be relayed.
+    unreadable: bool = False
 
 
-def read(raw: bytes) -> AgentMail:
-    """The parts of an agent's message the reply path uses."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
-    addresses = [a for _, a in getaddresses([str(message.get("From", ""))]) if "@" in a]
+def read(raw: bytes, *, max_depth: int = 100) -> AgentMail:
+    """The parts of an agent's message the reply path uses; best effort, never raises.
+
+    ``From`` counts only when it holds exactly one clean mailbox
+    (:func:`~gatewayd.addresses.extract_address`). A message whose MIME is
+    deeper than ``max_depth`` or that the parser cannot take apart comes back
+    ``unreadable`` with its headers only.
+    """
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+    except Exception:
+        return _headers_only(raw)
+    try:
+        head = _head(message)
+    except Exception:
+        return _headers_only(raw)
+    if _depth_exceeds(message, max_depth):
+        return replace(head, unreadable=True)
+    try:
+        text, attachments = _content(message)
+    except Exception:
+        return replace(head, unreadable=True)
+    return replace(head, text=text, attachments=attachments)
+
+
+def _head(message: EmailMessage) -> AgentMail:
+    values = message.get_all("From") or []
+    sender = extract_address(_raw_value(message, "From")) if len(values) == 1 else None
+    return AgentMail(sender.lower() if sender else None, _CONTROL.sub("", str(message.get("Subject", ""))), "",
+                     is_auto_reply(message), ())
+
+
+def _raw_value(message: EmailMessage, name: str) -> str:
+    """The header's value as it arrived (undecoded), so extract_address judges what the sender wrote."""
+    for key, value in message.raw_items():
+        if key.lower() == name.lower():
+            return str(value)
+    return ""
+
+
+def _headers_only(raw: bytes) -> AgentMail:
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+        return replace(_head(message), unreadable=True)
+    except Exception:
+        return AgentMail(None, "", "", False, (), unreadable=True)
+
+
+def _depth_exceeds(message: EmailMessage, max_depth: int) -> bool:
+    stack = [(message, 0)]
+    while stack:
+        part, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        children = part.get_payload() if part.is_multipart() else None
+        if isinstance(children, list):
+            stack.extend((child, depth + 1) for child in children if isinstance(child, EmailMessage))
+    return False
+
+
+def _content(message: EmailMessage) -> tuple[str, tuple[Attachment, ...]]:
     body = message.get_body(preferencelist=("plain", "html"))
     text = ""
     if body is not None:
@@ -60,10 +123,21 @@ def read(raw: bytes) -> AgentMail:
     for part in message.iter_attachments():
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes):
+            try:
+                filename = part.get_filename()
+            except Exception:
+                filename = None
             attachments.append(Attachment(payload, part.get_content_maintype(), part.get_content_subtype(),
-                                          part.get_filename()))
-    return AgentMail(addresses[0].lower() if addresses else None, str(message.get("Subject", "")), text,
-                     is_auto_reply(message), tuple(attachments))
+                                          clean_filename(filename)))
+    return text, tuple(attachments)
+
+
+def clean_filename(name: str | None) -> str | None:
+    """An attachment filename without control characters or path parts, or None when nothing is left."""
+    if not name:
+        return None
+    cleaned = _CONTROL.sub("", str(name)).replace("/", "_").replace("\\", "_").strip(" .")
+    return cleaned[:MAX_FILENAME] or None
 
 
 def is_auto_reply(message: EmailMessage) -> bool:
@@ -129,7 +203,7 @@ def build(reply: Reply) -> bytes:
     message.set_content(text, cte="quoted-printable" if not text.isascii() or _long(text) else "7bit")
     for attachment in reply.attachments:
         message.add_attachment(attachment.content, maintype=attachment.maintype, subtype=attachment.subtype,
-                               filename=attachment.filename)
+                               filename=clean_filename(attachment.filename))
     return message.as_bytes(policy=policy.SMTP)
 
 

@@ -2,9 +2,9 @@
 
 Runs on the router's worker for ``agent_reply`` work rows written by intake,
 after the ``250``. Only the agent the address was minted for, who still owns
-the ticket, is relayed (envelope sender or ``From`` is their configured
-address). An out-of-office answer from that agent is never relayed: the agent
-is marked away and their unacknowledged tickets are re-offered. Anything else
+the ticket, is relayed (envelope sender and ``From`` are both their configured
+address, and the message's DKIM verdict did not fail). An out-of-office answer
+from that agent is never relayed: the agent is marked away and their unacknowledged tickets are re-offered. Anything else
 is recorded, counted and reported to the team's supervisor, never relayed.
 """
 
@@ -19,21 +19,36 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from . import agent_commands, agent_mail
+from .compose import forward_head
 from .config import AgentConfig, Config
+from .dkim import Verdict
 from .ids import TicketIds, message_ids
 from .metrics import Metrics
 from .outgoing import enqueue
 from .reoffer import reoffer
-from .compose import forward_head
 from .reply_address import ReplyAddresses, ReplyToken, reply_addresses
 from .sla import ClockState, clock_state
-from .store import EventRecord, MessageRecord, Store, TicketRecord, Tx, WorkItem, add_event
+from .store import (
+    EventRecord,
+    MessageRecord,
+    Store,
+    TicketRecord,
+    Tx,
+    WorkItem,
+    add_event,
+)
 
 log = logging.getLogger("gatewayd.agent_reply")
 
 Signer = Callable[[bytes], bytes]
 _REASONS = {"auto_reply": "an automatic reply", "not_owner": "the agent no longer owns the ticket",
-            "not_agent": "the sender is not the agent the address was given to"}
+            "not_agent": "the sender is not the agent the address was given to",
+            "dkim_failed": "the message's DKIM signature did not verify",
+            "unreadable": "the message could not be read safely"}
+
+
+class _Unbuildable(Exception):
+    """The customer-facing reply could not be built from the agent's message."""
 
 
 class AgentReplies:
@@ -62,19 +77,35 @@ class AgentReplies:
             log.error("agent_reply work %d names a missing ticket, message or token; marking it done", item.id)
             await self.store.transact(lambda tx: _done(tx, item.id, self.clock()))
             return
-        mail = await asyncio.to_thread(agent_mail.read, await self.store.message_raw(record.id))
+        mail = await asyncio.to_thread(agent_mail.read, await self.store.message_raw(record.id),
+                                       max_depth=config.limits.mime_depth)
         agent = next((a for a in config.agents if a.name.lower() == token.agent), None)
-        senders = {record.mail_from.lower(), mail.from_address or ""} - {""}
-        from_agent = agent is not None and agent.address in senders
-        if mail.auto_reply and from_agent:
+        # Both the envelope sender and the (single, clean) From must be the agent's address.
+        address = agent.address.lower() if agent is not None else None
+        from_agent = (address is not None and record.mail_from.lower() == address
+                      and mail.from_address == address)
+        if from_agent and (await self._verdict(record.id)).failed:
+            await self._refuse(config, ticket, record, token, item, "dkim_failed")
+        elif mail.auto_reply and from_agent:
             assert agent is not None
             await self._away(config, agent, ticket, item)
         elif mail.auto_reply or not from_agent or ticket.agent != (agent.name if agent else None):
             await self._refuse(config, ticket, record, token, item, "auto_reply" if mail.auto_reply else
                                "not_owner" if from_agent else "not_agent")
+        elif mail.unreadable:
+            await self._refuse(config, ticket, record, token, item, "unreadable")
         else:
             assert agent is not None
-            await self._from_agent(config, agent, ticket, record, mail, item)
+            await self._from_agent(config, agent, ticket, record, token, mail, item)
+
+    async def _verdict(self, message: int) -> Verdict:
+        """The DKIM verdict intake stored for ``message`` (none recorded: not failed)."""
+        row = await self.store.fetchone("SELECT auth FROM messages WHERE id = ?", (message,))
+        try:
+            return Verdict.from_json(json.loads(row[0]) if row and row[0] else None)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("message %d has an unreadable stored DKIM verdict; treating it as failed", message)
+            return Verdict(verdict="permerror", detail="stored verdict unreadable")
 
     async def handover(self, item: WorkItem) -> None:
         """``handover`` work (``#assign <agent>``): the new owner gets the forward with their own reply address."""
@@ -158,12 +189,17 @@ class AgentReplies:
             self._on_enqueued()
 
     async def _from_agent(self, config: Config, agent: AgentConfig, ticket: TicketRecord, record: MessageRecord,
-                          mail: agent_mail.AgentMail, item: WorkItem) -> None:
+                          token: ReplyToken, mail: agent_mail.AgentMail, item: WorkItem) -> None:
         parsed = agent_commands.parse(mail.text)
         relay = parsed.has_text or bool(mail.attachments)
         content = message_id = None
         if relay:
-            content, message_id = await self._compose(config, agent, ticket, mail, parsed.text)
+            try:
+                content, message_id = await self._compose(config, agent, ticket, mail, parsed.text)
+            except _Unbuildable:
+                log.exception("reply for ticket=%s could not be built", self.ids.ref(ticket.number))
+                await self._refuse(config, ticket, record, token, item, "unreadable")
+                return
         now = self.clock()
         team = ticket.team or config.fallback.team
         observed: list[tuple[str, float]] = []
@@ -249,11 +285,19 @@ class AgentReplies:
                              (ticket.number, first[0] if first else None, now))
             return True
         assert team is not None
-        await tx.execute("UPDATE tickets SET team = ?, updated_at = ? WHERE number = ?",
+        # The team's routing picks afresh: no owner (so a follow-up is not kept with the old one) and no
+        # lapse recorded for the agent who handed the ticket over.
+        message = await _latest_customer_message(tx, ticket.number, config)
+        await tx.execute("UPDATE tickets SET team = ?, agent = NULL, updated_at = ? WHERE number = ?",
                          (team.name, now, ticket.number))
-        await add_event(tx, ticket.number, "reassigned", {"team": team.name, "from": ticket.agent},
+        await add_event(tx, ticket.number, "assigned", {"team": team.name, "from": ticket.agent},
                         actor=actor, at=now)
-        return await reoffer(tx, ticket.number, ticket.agent or "", f"assigned to team {team.name}", now)
+        if message is None:
+            log.warning("#assign %s on ticket %d: no inbound customer message to route", team.name, ticket.number)
+            return False
+        await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('route', ?, ?, ?)",
+                         (ticket.number, message, now))
+        return True
 
     async def _compose(self, config: Config, agent: AgentConfig, ticket: TicketRecord, mail: agent_mail.AgentMail,
                        text: str) -> tuple[bytes, str]:
@@ -275,7 +319,10 @@ class AgentReplies:
             attachments=mail.attachments)
         reply = replace(reply, text=agent_mail.scrub(text, hidden=(agent.address,), support_address=support,
                                                      token_pattern=tokens))
-        content = await asyncio.to_thread(agent_mail.build, reply)
+        try:
+            content = await asyncio.to_thread(agent_mail.build, reply)
+        except Exception as exc:
+            raise _Unbuildable(f"{type(exc).__name__}: {exc}") from exc
         if self._sign is not None:
             content = await asyncio.to_thread(self._sign, content)
         return content, message_id
@@ -293,7 +340,26 @@ class AgentReplies:
 
 
 def _to_reply_address(record: MessageRecord, replies: ReplyAddresses) -> bool:
-    return any((t := replies.verify(r)) is not None and t.role == "agent" for r in record.rcpt_to)
+    return _agent_rcpt(record.rcpt_to, replies)
+
+
+def _agent_rcpt(rcpt_to: list[str] | tuple[str, ...], replies: ReplyAddresses) -> bool:
+    return any((t := replies.verify(r)) is not None and t.role == "agent" for r in rcpt_to)
+
+
+async def _latest_customer_message(tx: Tx, ticket: int, config: Config) -> int | None:
+    """The newest inbound message of the ticket that is not agent mail to a reply address."""
+    replies = reply_addresses(config.support.addresses, config.support.reply_secret)
+    rows = await tx.fetchall("SELECT id, rcpt_to FROM messages WHERE ticket = ? AND direction = 'in' ORDER BY id DESC",
+                             (ticket,))
+    for message, rcpt_to in rows:
+        try:
+            rcpts = json.loads(rcpt_to) if rcpt_to else []
+        except ValueError:
+            rcpts = []
+        if not _agent_rcpt([str(r) for r in rcpts], replies):
+            return int(message)
+    return None
 
 
 def _subject(ids: TicketIds, ticket: TicketRecord, agent_subject: str) -> str:

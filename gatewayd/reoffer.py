@@ -22,8 +22,32 @@ async def reoffer(tx: Tx, ticket: int, agent: str, reason: str, now: float) -> b
     row = await tx.fetchone("SELECT agent, status FROM tickets WHERE number = ?", (ticket,))
     if row is None or row[0] != agent or row[1] != "open":
         return False
+    if await _handled_since_routed(tx, ticket):
+        return False
     first = await tx.fetchone("SELECT min(id) FROM messages WHERE ticket = ? AND direction = 'in'", (ticket,))
     await add_event(tx, ticket, "reoffered", {"lapsed": agent, "reason": reason}, actor="gatewayd", at=now)
     await tx.execute("INSERT INTO work (kind, ticket, message, created_at) VALUES ('reoffer', ?, ?, ?)",
                      (ticket, first[0] if first else None, now))
     return True
+
+
+async def _handled_since_routed(tx: Tx, ticket: int) -> bool:
+    """An ``acked``/``replied`` event after the routing to the current agent (read inside the transaction).
+
+    The caller decided to re-offer from state read earlier; an ``#ack`` or reply
+    committed in between wins. "Routed to the current agent" is what
+    :func:`gatewayd.sla.clock_state` counts: a ``routed``/``reassigned`` event
+    naming a different agent than the one before.
+    """
+    rows = await tx.fetchall(
+        "SELECT kind, json_extract(detail, '$.agent') FROM events WHERE ticket = ? "
+        "AND kind IN ('routed', 'reassigned', 'acked', 'replied') ORDER BY id", (ticket,))
+    current: str | None = None
+    handled = False
+    for kind, who in rows:
+        if kind in ("routed", "reassigned"):
+            if who and who != current:
+                current, handled = who, False
+        else:
+            handled = True
+    return handled

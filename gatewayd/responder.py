@@ -5,7 +5,9 @@ order), so whatever it decides, the ticket already exists and is forwarded.
 Each item ends in one transaction: the rate limits are checked and counted,
 and either the signed receipt goes into the outbox or a suppression event
 with its reason is written. A receipt that cannot be built is recorded as
-``receipt_failed`` and never holds up the work behind it.
+``receipt_failed`` and never holds up the work behind it; a store failure
+(:class:`~gatewayd.errors.StoreError`) is not the receipt's fault and is
+raised, so the item stays queued and is retried.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .autoreply import Decision, Policy, rate_limited, record
 from .business_hours import describe, expected_by
 from .config import Config
 from .dkim import Signer, Verdict
+from .errors import StoreError
 from .ids import TicketIds
 from .metrics import Metrics
 from .rawmessage import HeaderSummary
@@ -48,6 +51,9 @@ class Responder:
         """Decides and commits one receipt; True when one was queued for sending."""
         try:
             return await self._respond(item)
+        except StoreError:
+            # The store failing is not the receipt's fault: the item stays queued and is retried.
+            raise
         except Exception as exc:
             log.exception("receipt for ticket %s failed; the ticket itself is unaffected", item.ticket)
             detail = {"message": item.message, "error": f"{type(exc).__name__}: {exc}"[:300]}

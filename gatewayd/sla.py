@@ -132,19 +132,32 @@ class SlaClock:
         config, now = self._config(), self.clock()
         reoffered = overdue = 0
         for ticket in await self.store.tickets(open_only=True, limit=100000):
-            state = clock_state(ticket, await self.store.events(ticket.number))
-            goal = targets(config, ticket.team, ticket.priority)
-            if (state.agent is not None and state.agent == ticket.agent and state.routed_at is not None
-                    and state.acked_at is None and not state.reoffered
-                    and now >= goal.due(state.routed_at, goal.ack)):
-                reoffered += await self._reoffer(config, ticket, state.agent, now)
-            if (state.replied_at is None and state.overdue_at is None
-                    and now >= goal.due(state.response_start, goal.first_response)):
-                overdue += await self._overdue(config, ticket, state, now)
+            try:
+                r, o = await self._check(config, ticket, now)
+            except Exception:
+                # One bad ticket (broken config reference, odd events) must not stop the others' clocks.
+                log.exception("SLA check failed for ticket=%s; continuing with the others", self.ids.ref(ticket.number))
+                continue
+            reoffered += r
+            overdue += o
         if reoffered:
             self._on_reoffer()
         if reoffered or overdue:
             self._on_enqueued()
+        return reoffered, overdue
+
+    async def _check(self, config: Config, ticket: TicketRecord, now: float) -> tuple[int, int]:
+        """One ticket's clocks: (re-offered, newly overdue)."""
+        reoffered = overdue = 0
+        state = clock_state(ticket, await self.store.events(ticket.number))
+        goal = targets(config, ticket.team, ticket.priority)
+        if (state.agent is not None and state.agent == ticket.agent and state.routed_at is not None
+                and state.acked_at is None and not state.reoffered
+                and now >= goal.due(state.routed_at, goal.ack)):
+            reoffered += await self._reoffer(config, ticket, state.agent, now)
+        if (state.replied_at is None and state.overdue_at is None
+                and now >= goal.due(state.response_start, goal.first_response)):
+            overdue += await self._overdue(config, ticket, state, now)
         return reoffered, overdue
 
     async def _reoffer(self, config: Config, ticket: TicketRecord, agent: str, now: float) -> int:
