@@ -166,7 +166,7 @@ class Metrics:
         self.ack_seconds.labels(team).observe(seconds)
 
     def reply_refused(self, reason: str) -> None:
-        """Mail to a reply address that was not relayed (reason: auto_reply, not_owner, not_agent)."""
+        """Mail to a reply address that was not relayed (reason: a fixed word from gatewayd.agent_reply)."""
         self.replies_refused.labels(reason).inc()
 
     def config_reload(self, ok: bool) -> None:

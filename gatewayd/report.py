@@ -14,7 +14,10 @@ from typing import Any
 
 from .store import Store
 
-_ACTIONS = {"acked": "acked", "replied": "replied", "reassigned": "reassigned", "closed": "closed"}
+# Audit events that count as an agent's action; handing a ticket to a team
+# (``assigned``) counts as a reassignment like handing it to an agent.
+_ACTIONS = {"acked": "acked", "replied": "replied", "reassigned": "reassigned", "assigned": "reassigned",
+            "closed": "closed"}
 
 async def overdue_tickets(store: Store) -> set[int]:
     return {number for number, _, _ in await store.overdue()}
@@ -73,8 +76,8 @@ async def build(store: Store, start: float, end: float) -> dict[str, Any]:
             teams[team].first_response.append(replied_at - created)
             agents[reply_by or ""].first_response.append(replied_at - created)
     for kind, actor in await store.fetchall(
-            "SELECT kind, actor FROM events WHERE at >= ? AND at < ? AND kind IN ('acked', 'replied', "
-            "'reassigned', 'closed') AND actor IS NOT NULL", (start, end)):
+            f"SELECT kind, actor FROM events WHERE at >= ? AND at < ? AND kind IN ({','.join('?' * len(_ACTIONS))}) "
+            "AND actor IS NOT NULL", (start, end, *_ACTIONS)):
         agents[actor].counts[_ACTIONS[kind]] += 1
 
     def summary(row: _Row, keys: tuple[str, ...]) -> dict[str, Any]:
