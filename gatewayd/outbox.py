@@ -19,6 +19,7 @@ from collections.abc import Callable
 from .agent_mail import notice
 from .compose import assemble
 from .config import Config
+from .dkim import Signer
 from .ids import TicketIds
 from .metrics import Metrics
 from .outgoing import enqueue
@@ -45,6 +46,7 @@ class Outbox:
         self._stopping = False
         self._held: dict[int, float] = {}
         self._ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
+        self._signer = Signer.from_config(config.dkim) if config.dkim else None
 
     def wake(self) -> None:
         """Something new is due: look now instead of at the next poll."""
@@ -103,6 +105,10 @@ class Outbox:
                     return
                 head, raw = await self.store.outbox_parts(item.id)
                 content = head if raw is None else assemble(head, raw)
+                if item.kind == "alert" and self._signer is not None:
+                    # Alerts are built inside store transactions, where signing
+                    # would block the loop; receipts and replies are signed when built.
+                    content = await asyncio.to_thread(self._signer.sign, content)
                 if item.kind == "webhook":
                     result = await post_webhook(item.rcpt, content, self.config.relay.timeout)
                 else:

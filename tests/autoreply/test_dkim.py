@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import re
 from pathlib import Path
 
@@ -223,3 +225,19 @@ class TestInboundEndToEnd:
         assert (await outcome(gw.store, 1000)).detail["reason"] == "unauthenticated"
         await settle(gw.sink, 1)
         assert len(forwards(gw.sink)) == 1 and receipts(gw.sink) == []
+
+
+class TestAlertSigning:
+    async def test_alerts_to_supervisors_are_signed_too(self, gateway_factory, tmp_path, stub_dnsfunc, rsa_key) -> None:
+        gw = await gateway_factory(extra=autoreply_yaml(dkim=dkim_yaml(tmp_path, rsa_key)))
+        await gw.store.set_agent_away("bob", True, "test")
+        refused = "550 5.1.1 mailbox unavailable"
+        gw.sink.handler.refuse = {"alice@agents.example.test": refused, "lead@example.test": refused}
+        assert (await send_message(gw.smtp_port, message())).pop().code == 250
+        deadline = asyncio.get_running_loop().time() + 15
+        while not [r for r in gw.sink.received if r.rcpt_tos == ["lead@example.test"]]:
+            assert asyncio.get_running_loop().time() < deadline, "the supervisor alert never arrived"
+            await asyncio.sleep(0.05)
+        [alert] = [r for r in gw.sink.received if r.rcpt_tos == ["lead@example.test"]]
+        assert b"Auto-Submitted: auto-generated" in alert.content
+        assert dkim.verify(alert.content, dnsfunc=stub_dnsfunc({"gw._domainkey.example.test.": rsa_key.txt}))
