@@ -25,7 +25,7 @@ from .rawmessage import fields, split_message
 from .templates import TemplateSet
 
 _MESSAGE_ID = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>$")
-_HEADERS = frozenset({"from", "to", "subject", "date", "message-id", "in-reply-to", "references",
+_HEADERS = frozenset({"from", "to", "subject", "date", "message-id", "in-reply-to", "references", "reply-to",
                       "auto-submitted", "x-auto-response-suppress", "x-gatewayd-ticket", "mime-version",
                       "content-type", "content-transfer-encoding"})
 _NAME_LIMIT = 64
@@ -47,6 +47,7 @@ class ReceiptContext:
     pseudo_reference: str
     customer_message_id: str | None
     date: datetime
+    reply_to: str | None = None
 
 
 def clean_text(value: str, limit: int) -> str:
@@ -80,6 +81,8 @@ def build(templates: TemplateSet, ctx: ReceiptContext) -> bytes:
     pseudo = _checked_id(ctx.pseudo_reference)
     message["In-Reply-To"] = original or pseudo
     message["References"] = f"{original} {pseudo}" if original else pseudo
+    if ctx.reply_to:
+        message["Reply-To"] = Address(addr_spec=parse_mailbox(ctx.reply_to))
     message["Auto-Submitted"] = "auto-replied"
     message["X-Auto-Response-Suppress"] = "All"
     message["X-Gatewayd-Ticket"] = ctx.ticket

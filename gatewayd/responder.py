@@ -29,6 +29,7 @@ from .ids import TicketIds
 from .metrics import Metrics
 from .rawmessage import HeaderSummary
 from .receipt import ReceiptContext, build
+from .reply_address import reply_addresses
 from .store import MessageRecord, Store, TicketRecord, Tx, WorkItem, add_event
 
 log = logging.getLogger("gatewayd.responder")
@@ -134,7 +135,9 @@ class Responder:
             expected=describe(due, datetime.fromtimestamp(self.clock(), timezone.utc)),
             message_id=message_id, pseudo_reference=self.ids.pseudo_reference(ticket.number),
             customer_message_id=HeaderSummary.of(raw).message_id,
-            date=datetime.fromtimestamp(self.clock(), timezone.utc))
+            date=datetime.fromtimestamp(self.clock(), timezone.utc),
+            reply_to=reply_addresses(self.config.support.addresses,
+                                     self.config.support.reply_secret).for_customer(ticket.number))
         data = build(self.config.autoreply.templates.get(kind, ticket.team), ctx)
         return self.signer.sign(data) if self.signer is not None else data
 

@@ -51,6 +51,16 @@ class TestReceiptContents:
         assert gw.daemon.router.ids.ticket_of_message_id(parsed["Message-ID"]) == 1000
         assert parsed["Date"]
 
+    async def test_reply_to_is_the_customers_signed_address_and_a_reply_to_it_threads(self, gateway_factory) -> None:
+        """Even when a mail client strips the subject tag and the threading headers."""
+        gw = await gateway_factory(extra=autoreply_yaml())
+        receipt = await one_receipt(gw, message("Printer on fire"))
+        reply_to = parse(receipt.content)["Reply-To"]
+        assert reply_to.startswith("support+") and reply_to.endswith("@example.test")
+        [reply] = await send_message(gw.smtp_port, message("still broken", message_id="<m2@customer.test>"),
+                                     rcpts=(reply_to,))
+        assert reply.text.endswith("SUP-1000")
+
     async def test_text_and_html_parts_name_ticket_customer_team_and_time(self, gateway_factory) -> None:
         gw = await gateway_factory(extra=autoreply_yaml())
         receipt = await one_receipt(gw, message())
