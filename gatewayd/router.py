@@ -223,8 +223,9 @@ class Router:
                 await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, 'agent')",
                                  (ticket.number, routed.rcpt.lower()))
             elif routed.agent is None:
-                await tx.execute("UPDATE tickets SET team = ?, priority = ?, updated_at = ? WHERE number = ?",
-                                 (routed.team, routed.priority, now, ticket.number))
+                # With the supervisor nobody owns it: an agent who let it lapse must not keep it.
+                await tx.execute("UPDATE tickets SET agent = NULL, team = ?, priority = ?, updated_at = ? "
+                                 "WHERE number = ?", (routed.team, routed.priority, now, ticket.number))
             await add_event(tx, ticket.number, "routed" if routed.agent else "unroutable", {
                 "message": record.id, "agent": routed.agent, "team": routed.team, "priority": routed.priority,
                 "rcpt": routed.rcpt, "summary": routed.summary,

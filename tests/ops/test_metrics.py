@@ -86,7 +86,8 @@ async def test_values_after_a_scripted_scenario_are_exact(gateway_factory: Calla
     await mark(gw, 1001, "overdue", "replied")
     await mark(gw, 1002, "replied", "overdue")
 
-    m = await eventually(port, lambda s: s.value("gatewayd_outbox_messages", kind="forward", state="failed") == 1
+    # The refused forward is re-offered to bob, then to the supervisor, whose alert is refused too.
+    m = await eventually(port, lambda s: s.value("gatewayd_outbox_messages", kind="alert", state="failed") == 1
                          and s.total("gatewayd_autoreplies_total") == 7
                          and s.total("gatewayd_smtp_sessions_active") == 0)
 
@@ -101,9 +102,11 @@ async def test_values_after_a_scripted_scenario_are_exact(gateway_factory: Calla
     assert m.value("gatewayd_tickets_created_total", team="security") == 0
     assert {l: v for l, v in m.series("gatewayd_routing_decisions_total").items() if v} == {
         frozenset({("plugin", "round_robin"), ("agent", "alice")}): 4,
-        frozenset({("plugin", "round_robin"), ("agent", "bob")}): 3}
-    assert m.value("gatewayd_tickets_open", team="support", agent="alice") == 4
+        frozenset({("plugin", "round_robin"), ("agent", "bob")}): 4,
+        frozenset({("plugin", "supervisor"), ("agent", "-")}): 1}
+    assert m.value("gatewayd_tickets_open", team="support", agent="alice") == 3
     assert m.value("gatewayd_tickets_open", team="support", agent="bob") == 3
+    assert m.value("gatewayd_tickets_open", team="support", agent="") == 1
     assert m.value("gatewayd_tickets_open", team="security", agent="sam") == 0
     assert m.value("gatewayd_tickets_overdue", team="support", agent="alice") == 2
     assert m.value("gatewayd_tickets_overdue", team="support", agent="bob") == 0
@@ -112,11 +115,12 @@ async def test_values_after_a_scripted_scenario_are_exact(gateway_factory: Calla
     assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="auto_submitted") == 2
     assert m.value("gatewayd_autoreplies_total", result="suppressed", reason="precedence") == 1
     assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="sent") == 6
-    assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="failed") == 1
+    assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="failed") == 3
+    assert m.value("gatewayd_delivery_attempts_total", kind="alert", result="failed") == 1
     assert m.value("gatewayd_delivery_attempts_total", kind="forward", result="retry") == 0
     assert m.value("gatewayd_delivery_attempts_total", kind="receipt", result="sent") == 4
     assert m.value("gatewayd_delivery_attempts_total", kind="receipt", result="failed") == 0
-    assert m.value("gatewayd_outbox_messages", kind="forward", state="failed") == 1
+    assert m.value("gatewayd_outbox_messages", kind="forward", state="failed") == 3
     assert m.total("gatewayd_outbox_messages", state="pending") == 0
     assert m.value("gatewayd_outbox_oldest_age_seconds") == 0
     assert m.total("gatewayd_plugin_errors_total") == 0
