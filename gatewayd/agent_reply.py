@@ -36,6 +36,7 @@ from .store import (
     Tx,
     WorkItem,
     add_event,
+    work_done,
 )
 
 log = logging.getLogger("gatewayd.agent_reply")
@@ -75,7 +76,7 @@ class AgentReplies:
             if record else None
         if ticket is None or record is None or token is None:
             log.error("agent_reply work %d names a missing ticket, message or token; marking it done", item.id)
-            await self.store.transact(lambda tx: _done(tx, item.id, self.clock()))
+            await self.store.transact(lambda tx: work_done(tx, item.id, self.clock()))
             return
         mail = await asyncio.to_thread(agent_mail.read, await self.store.message_raw(record.id),
                                        max_depth=config.limits.mime_depth)
@@ -114,7 +115,7 @@ class AgentReplies:
         agent = config.agent(ticket.agent) if ticket is not None and ticket.agent else None
         now = self.clock()
         if ticket is None or agent is None or item.message is None:
-            await self.store.transact(lambda tx: _done(tx, item.id, now))
+            await self.store.transact(lambda tx: work_done(tx, item.id, now))
             return
         replies = reply_addresses(config.support.addresses, config.support.reply_secret)
         raw = await self.store.message_raw(item.message)
@@ -124,14 +125,12 @@ class AgentReplies:
                                        reply_to=replies.for_agent(ticket.number, agent.name))
 
         async def write(tx: Tx) -> None:
-            await tx.execute(
-                "INSERT INTO outbox (kind, ticket, message, agent, mail_from, rcpt, message_id, head, "
-                "next_attempt_at, created_at, updated_at) VALUES ('forward', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (ticket.number, item.message, agent.name, config.support.bounce_address, agent.address,
-                 message_id, head, now, now, now))
+            await enqueue(tx, kind="forward", ticket=ticket.number, message=item.message, agent=agent.name,
+                          mail_from=config.support.bounce_address, rcpt=agent.address, message_id=message_id,
+                          content=head, now=now)
             await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, 'agent')",
                              (ticket.number, agent.address))
-            await _done(tx, item.id, now)
+            await work_done(tx, item.id, now)
         await self.store.transact(write)
         self._on_enqueued()
 
@@ -151,7 +150,7 @@ class AgentReplies:
             count = 0
             for number in pending:
                 count += await reoffer(tx, number, agent.name, "out_of_office", now)
-            await _done(tx, item.id, now)
+            await work_done(tx, item.id, now)
             return count
         count = await self.store.transact(write)
         log.info("out-of-office from agent=%s: marked away, %d tickets re-offered", agent.name, count)
@@ -181,7 +180,7 @@ class AgentReplies:
                 await enqueue(tx, kind="alert", ticket=ticket.number, rcpt=team.supervisor,
                               mail_from=config.support.bounce_address, message_id=_header_id(alert),
                               content=alert, now=now)
-            await _done(tx, item.id, now)
+            await work_done(tx, item.id, now)
         await self.store.transact(write)
         self.metrics.reply_refused(reason)
         log.warning("agent reply refused ticket=%s from=<%s> reason=%s", ref, record.mail_from, reason)
@@ -227,7 +226,7 @@ class AgentReplies:
                                                                "rcpt": ticket.customer}, actor=agent.name, at=now)
                 if state.replied_at is None:
                     observed.append(("first_response", now - state.response_start))
-            await _done(tx, item.id, now)
+            await work_done(tx, item.id, now)
         await self.store.transact(write)
         for what, seconds in observed:
             (self.metrics.acknowledged if what == "ack" else self.metrics.first_response)(team, seconds)
@@ -382,9 +381,6 @@ async def _events(tx: Tx, ticket: int) -> list[EventRecord]:
                              (ticket,))
     return [EventRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
-
-async def _done(tx: Tx, work: int, now: float) -> None:
-    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now, work))
 
 
 def dkim_signer(config: Config) -> Signer | None:

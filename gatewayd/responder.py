@@ -30,7 +30,8 @@ from .metrics import Metrics
 from .rawmessage import HeaderSummary
 from .receipt import ReceiptContext, build
 from .reply_address import reply_addresses
-from .store import MessageRecord, Store, TicketRecord, Tx, WorkItem, add_event
+from .outgoing import enqueue
+from .store import MessageRecord, Store, TicketRecord, Tx, WorkItem, add_event, work_done
 
 log = logging.getLogger("gatewayd.responder")
 
@@ -61,7 +62,7 @@ class Responder:
 
             async def failed(tx: Tx) -> None:
                 await add_event(tx, item.ticket, "receipt_failed", detail)
-                await _done(tx, item.id)
+                await work_done(tx, item.id)
             await self.store.transact(failed)
             return False
 
@@ -69,7 +70,7 @@ class Responder:
         ticket = await self.store.ticket(item.ticket)
         message = await self.store.message(item.message) if item.message is not None else None
         if ticket is None or message is None:
-            await self.store.transact(lambda tx: _done(tx, item.id))
+            await self.store.transact(lambda tx: work_done(tx, item.id))
             return False
         if not self.config.autoreply.enabled or self.config.autoreply.templates is None:
             await self.store.transact(lambda tx: self._suppress(tx, item, "receipt", "disabled"))
@@ -98,14 +99,12 @@ class Responder:
                 await self._suppress(tx, item, kind, limited)
                 return limited
             await record(tx, ticket.number, kind, decision.rcpt or "", now)
-            await tx.execute(
-                "INSERT INTO outbox (kind, ticket, message, agent, mail_from, rcpt, message_id, head, "
-                "next_attempt_at, created_at, updated_at) VALUES ('receipt', ?, NULL, NULL, '', ?, ?, ?, ?, ?, ?)",
-                (ticket.number, decision.rcpt, message_id, data, now, now, now))
+            await enqueue(tx, kind="receipt", ticket=ticket.number, rcpt=decision.rcpt, mail_from="",
+                          message_id=message_id, content=data, now=now)
             await add_event(tx, ticket.number, "receipt_queued", {
                 "message": message.id, "kind": kind, "rcpt": decision.rcpt, "message_id": message_id,
                 "signed": self.signer is not None}, at=now)
-            await _done(tx, item.id, now)
+            await work_done(tx, item.id, now)
             return None
 
         limited = await self.store.transact(commit)
@@ -120,7 +119,7 @@ class Responder:
     async def _suppress(self, tx: Tx, item: WorkItem, kind: str, reason: str) -> None:
         await add_event(tx, item.ticket, "autoreply_suppressed", {"message": item.message, "kind": kind,
                                                                   "reason": reason})
-        await _done(tx, item.id)
+        await work_done(tx, item.id)
 
     def _compose(self, kind: str, ticket: TicketRecord, message: MessageRecord, raw: bytes, decision: Decision,
                  message_id: str) -> bytes:
@@ -146,6 +145,3 @@ class Responder:
         support = set(self.config.support.addresses)
         return next((r.lower() for r in message.rcpt_to if r.lower() in support), self.config.support.addresses[0])
 
-
-async def _done(tx: Tx, work: int, now: float | None = None) -> None:
-    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now or time.time(), work))

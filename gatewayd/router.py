@@ -33,7 +33,8 @@ from .plugin import AgentView, MessageView, TicketView
 from .reoffer import lapsed_agents
 from .reply_address import reply_addresses
 from .responder import Responder
-from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event
+from .outgoing import enqueue
+from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event, work_done
 
 log = logging.getLogger("gatewayd.router")
 
@@ -161,7 +162,7 @@ class Router:
 
             async def give_up(tx: Tx) -> None:
                 await add_event(tx, item.ticket, "work_failed", detail, actor="gatewayd")
-                await _done(tx, item.id)
+                await work_done(tx, item.id)
             await self.store.transact(give_up)
         self._held.pop(item.id, None)
         self._failures.pop(item.id, None)
@@ -200,7 +201,7 @@ class Router:
         record = await self.store.message(item.message) if item.message is not None else None
         if ticket is None or record is None:
             log.error("work item %d names a missing ticket or message; marking it done", item.id)
-            await self.store.transact(lambda tx: _done(tx, item.id))
+            await self.store.transact(lambda tx: work_done(tx, item.id))
             return
         raw = await self.store.message_raw(record.id)
         results = await self._authentication_results(record.id)
@@ -231,12 +232,10 @@ class Router:
                 "rcpt": routed.rcpt, "summary": routed.summary,
                 "trace": [{"plugin": s.plugin, "outcome": s.outcome, "reason": s.reason, "ms": s.ms}
                           for s in routed.trace]}, at=now)
-            await tx.execute(
-                "INSERT INTO outbox (kind, ticket, message, agent, mail_from, rcpt, message_id, head, "
-                "next_attempt_at, created_at, updated_at) VALUES ('forward', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (ticket.number, record.id, routed.agent, self.config.support.bounce_address, routed.rcpt,
-                 message_id, head, now, now, now))
-            await _done(tx, item.id, now)
+            await enqueue(tx, kind="forward", ticket=ticket.number, message=record.id, agent=routed.agent,
+                          mail_from=self.config.support.bounce_address, rcpt=routed.rcpt, message_id=message_id,
+                          content=head, now=now)
+            await work_done(tx, item.id, now)
 
         await self.store.transact(commit)
         if not followup and routed.team and item.kind == "route":
@@ -251,6 +250,3 @@ class Router:
         row = await self.store.fetchone("SELECT auth FROM messages WHERE id = ?", (message,))
         return json.loads(row[0]).get("header") if row and row[0] else None
 
-
-async def _done(tx: Tx, work: int, now: float | None = None) -> None:
-    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now or time.time(), work))

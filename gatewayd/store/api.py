@@ -115,6 +115,11 @@ _OVERDUE_SQL = """
 """
 
 
+async def work_done(tx: Tx, work: int, now: float | None = None) -> None:
+    """Marks a work item finished; done in the same transaction as the item's effect."""
+    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now if now is not None else time.time(), work))
+
+
 class Store(Database):
     """The gatewayd store. ``await Store.open(path)`` creates or upgrades it."""
 
