@@ -31,6 +31,9 @@ from .webhook import post as post_webhook
 log = logging.getLogger("gatewayd.outbox")
 
 _IDLE_POLL = 5.0
+# Forwards above this size are assembled in a worker thread: copying a 32 MB
+# message must not pause the SMTP sessions sharing the loop.
+_INLINE_ASSEMBLY = 256 * 1024
 
 
 class Outbox:
@@ -104,7 +107,12 @@ class Outbox:
                 if self._stopping:
                     return
                 head, raw = await self.store.outbox_parts(item.id)
-                content = head if raw is None else assemble(head, raw)
+                if raw is None:
+                    content = head
+                elif len(raw) > _INLINE_ASSEMBLY:
+                    content = await asyncio.to_thread(assemble, head, raw)
+                else:
+                    content = assemble(head, raw)
                 if item.kind == "alert" and self._signer is not None:
                     # Alerts are built inside store transactions, where signing
                     # would block the loop; receipts and replies are signed when built.
