@@ -99,6 +99,7 @@ class Database:
         self._group_limit = group_limit
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
+        self._closing = False
         self.stats = CommitStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,6 +143,7 @@ class Database:
 
     async def close(self) -> None:
         """Finishes every queued job, then closes both connections."""
+        self._closing = True
         if self._committer is not None:
             self._queue.put_nowait(None)
             await self._committer
@@ -159,7 +161,7 @@ class Database:
 
     async def transact(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Runs ``work`` inside the next group commit and returns its result once durable."""
-        if self._committer is None or self._committer.done():
+        if self._closing or self._committer is None or self._committer.done():
             raise StoreUnavailable("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(work, future))

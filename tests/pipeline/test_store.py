@@ -340,3 +340,13 @@ class TestHealthProbe:
         with sqlite3.connect(store.path) as other:
             (probed_at,) = other.execute("SELECT probed_at FROM health WHERE id = 1").fetchone()
         assert probed_at >= before
+
+
+class TestClose:
+    async def test_a_write_after_close_began_is_refused_not_left_hanging(self, tmp_path: Path) -> None:
+        store = await Store.open(tmp_path / "s.sqlite3")
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.transact(lambda tx: tx.fetchone("SELECT 1")), 5)
+        await closing
