@@ -107,7 +107,7 @@ class Policy:
             return "robot_sender"
         if any(self._own(a) for a in senders):
             return "own_address"
-        if verdict.failed and self._no_receipt_unauthenticated:
+        if verdict.unauthenticated and self._no_receipt_unauthenticated:
             return "unauthenticated"
         if not self._addressed(by_name):
             return "not_addressed"

@@ -17,12 +17,13 @@ import asyncio
 import base64
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dkim
 
+from .dmarc import DmarcResult, evaluate as evaluate_dmarc, from_domain
 from .rawmessage import fields, split_message
 
 if TYPE_CHECKING:
@@ -146,16 +147,25 @@ class SignatureResult:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The DKIM outcome of one inbound message: ``pass`` if any signature holds."""
+    """The DKIM outcome of one inbound message (``pass`` if any signature holds), and its DMARC result.
+
+    ``dmarc`` is None for verdicts stored before DMARC was evaluated.
+    """
 
     results: tuple[SignatureResult, ...] = ()
     verdict: str = "none"
     detail: str = ""
+    dmarc: DmarcResult | None = None
 
     @property
     def failed(self) -> bool:
         """Signed, and no signature holds for a reason DNS can't excuse."""
         return self.verdict in ("fail", "permerror")
+
+    @property
+    def unauthenticated(self) -> bool:
+        """What the ``unauthenticated`` policy acts on: DKIM failed, or DMARC failed under p=quarantine|reject."""
+        return self.failed or (self.dmarc is not None and self.dmarc.enforced_fail)
 
     @property
     def pass_domains(self) -> frozenset[str]:
@@ -165,7 +175,8 @@ class Verdict:
         """The ``Authentication-Results`` value (RFC 8601); only validated tokens from the message."""
         if not self.results:
             reason = f" ({self.detail})" if self.detail else ""
-            return f"{authserv_id}; dkim={self.verdict}{reason}"
+            dmarc = f"; {self.dmarc.header_part()}" if self.dmarc is not None else ""
+            return f"{authserv_id}; dkim={self.verdict}{reason}{dmarc}"
         parts = []
         for r in self.results:
             text = f"dkim={r.result}"
@@ -178,12 +189,15 @@ class Verdict:
             if r.b:
                 text += f" header.b={r.b}"
             parts.append(text)
+        if self.dmarc is not None:
+            parts.append(self.dmarc.header_part())
         return f"{authserv_id};\r\n " + ";\r\n ".join(parts)
 
     def to_json(self) -> dict[str, object]:
         return {"verdict": self.verdict, "detail": self.detail,
                 "results": [{"result": r.result, "domain": r.domain, "selector": r.selector, "b": r.b,
-                             "reason": r.reason} for r in self.results]}
+                             "reason": r.reason} for r in self.results]} | (
+            {"dmarc": self.dmarc.to_json()} if self.dmarc is not None else {})
 
     @classmethod
     def from_json(cls, data: dict[str, object] | None) -> "Verdict":
@@ -192,7 +206,8 @@ class Verdict:
         results = tuple(SignatureResult(str(r["result"]), r.get("domain"), r.get("selector"), r.get("b"),
                                         str(r.get("reason", "")))
                         for r in data.get("results", ()))  # type: ignore[union-attr]
-        return cls(results, str(data.get("verdict", "none")), str(data.get("detail", "")))
+        return cls(results, str(data.get("verdict", "none")), str(data.get("detail", "")),
+                   DmarcResult.from_json(data.get("dmarc")))
 
 
 def _overall(results: list[SignatureResult]) -> str:
@@ -246,7 +261,11 @@ def _reason(text: str) -> str:
 
 @dataclass(frozen=True)
 class Verifier:
-    """Inbound DKIM checks: ``timeout`` per DNS lookup, ``deadline`` (default 2 lookups + 1s) per message."""
+    """Inbound DKIM and DMARC checks: ``timeout`` per DNS lookup, ``deadline`` per message.
+
+    The default deadline allows the DKIM key lookup and the two DMARC lookups
+    (From domain, then its organizational fallback), plus a second.
+    """
 
     dnsfunc: DnsFunc
     timeout: float
@@ -258,13 +277,16 @@ class Verifier:
 
     async def check(self, message: bytes) -> Verdict:
         block, _ = split_message(message)
-        if not any(f.name == "dkim-signature" for f in fields(block)):
-            return Verdict()
+        signed = any(f.name == "dkim-signature" for f in fields(block))
+
+        def run() -> Verdict:
+            verdict = verify_blocking(message, self.dnsfunc, self.timeout) if signed else Verdict()
+            return replace(verdict, dmarc=evaluate_dmarc(message, verdict.pass_domains, self.dnsfunc, self.timeout))
         try:
-            return await asyncio.wait_for(asyncio.to_thread(verify_blocking, message, self.dnsfunc, self.timeout),
-                                          self.deadline or 2 * self.timeout + 1)
+            return await asyncio.wait_for(asyncio.to_thread(run), self.deadline or 3 * self.timeout + 1)
         except asyncio.TimeoutError:
-            return Verdict((), "temperror", "verification timed out")
+            return Verdict((), "temperror" if signed else "none", "verification timed out" if signed else "",
+                           DmarcResult("temperror", from_domain(message), None, "verification timed out"))
 
 
 def resolver_dnsfunc(config: "DnsConfig") -> DnsFunc:

@@ -124,8 +124,9 @@ class Intake:
             prepared = self.prepare(transaction.data)
         for_support = any(self.recipient_kind(r) in ("support", "reply") for r in transaction.rcpt_tos)
         verdict = await self.verifier.check(prepared.data) if for_support else None
-        if verdict is not None and verdict.failed and self.config.authentication.unauthenticated == "reject":
-            raise Refused("550 5.7.1 Message failed DKIM verification; not accepted")
+        if verdict is not None and verdict.unauthenticated and self.config.authentication.unauthenticated == "reject":
+            failed = "DKIM verification" if verdict.failed else "the sender domain's DMARC policy"
+            raise Refused(f"550 5.7.1 Message failed {failed}; not accepted")
         now = time.time()
 
         async def work(tx: Tx) -> Accepted:

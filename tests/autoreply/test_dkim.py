@@ -163,7 +163,7 @@ class TestInboundEndToEnd:
                                   b"header.s=sel header.b=")
         events = await gw.store.events(1000)
         assert events[0].detail["dkim"] == "pass"
-        assert stub.queries == [CUSTOMER_RECORD]
+        assert stub.queries == [CUSTOMER_RECORD, "_dmarc.customer.test."]
 
     async def test_fail(self, gateway_factory, dns_stub, rsa_key) -> None:
         stub, port = dns_stub
@@ -173,12 +173,12 @@ class TestInboundEndToEnd:
         content = await self.forward_of(gw, tampered)
         assert top_auth_results(content)[0].startswith("gw.example.test; dkim=fail")
 
-    async def test_no_signature_means_no_lookup(self, gateway_factory, dns_stub) -> None:
+    async def test_no_signature_means_no_key_lookup(self, gateway_factory, dns_stub) -> None:
         stub, port = dns_stub
         gw = await gateway_factory(extra=f'dns: {{resolver: "127.0.0.1:{port}", timeout: 1s}}\n')
         content = await self.forward_of(gw, message())
-        assert top_auth_results(content) == ["gw.example.test; dkim=none"]
-        assert stub.queries == []
+        assert top_auth_results(content) == ["gw.example.test; dkim=none; dmarc=none header.from=customer.test"]
+        assert stub.queries == ["_dmarc.customer.test."]
 
     async def test_dns_timeout_is_temperror_and_the_message_is_kept(self, gateway_factory, rsa_key) -> None:
         from tests.support.gateway import free_port
@@ -196,7 +196,7 @@ class TestInboundEndToEnd:
                   "Authentication-Results: GW.EXAMPLE.TEST;\r\n dkim=pass\r\n header.d=bank.test\r\n"
                   "Authentication-Results: mx.customer.test; spf=pass smtp.mailfrom=customer.test\r\n")
         content = await self.forward_of(gw, message(extra=forged))
-        assert top_auth_results(content) == ["gw.example.test; dkim=none",
+        assert top_auth_results(content) == ["gw.example.test; dkim=none; dmarc=none header.from=customer.test",
                                              "mx.customer.test; spf=pass smtp.mailfrom=customer.test"]
         assert b"bank.test" not in content
         stored = await gw.store.message_raw(1)
