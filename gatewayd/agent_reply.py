@@ -85,7 +85,7 @@ class AgentReplies:
         address = agent.address.lower() if agent is not None else None
         from_agent = (address is not None and record.mail_from.lower() == address
                       and mail.from_address == address)
-        if from_agent and (await self._verdict(record.id)).failed:
+        if from_agent and (await self._verdict(record.id)).unauthenticated:
             await self._refuse(config, ticket, record, token, item, "dkim_failed")
         elif mail.auto_reply and from_agent:
             assert agent is not None
