@@ -48,6 +48,7 @@ class Outbox:
         self._slots = asyncio.Semaphore(config.relay.concurrency)
         self._stopping = False
         self._held: dict[int, float] = {}
+        self._unrecorded: dict[int, SendResult] = {}
         self._ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
         self._signer = Signer.from_config(config.dkim) if config.dkim else None
 
@@ -106,35 +107,42 @@ class Outbox:
             async with self._slots:
                 if self._stopping:
                     return
-                head, raw = await self.store.outbox_parts(item.id)
-                if raw is None:
-                    content = head
-                elif len(raw) > _INLINE_ASSEMBLY:
-                    content = await asyncio.to_thread(assemble, head, raw)
-                else:
-                    content = assemble(head, raw)
-                if item.kind == "alert" and self._signer is not None:
-                    # Alerts are built inside store transactions, where signing
-                    # would block the loop; receipts and replies are signed when built.
-                    content = await asyncio.to_thread(self._signer.sign, content)
-                if item.kind == "webhook":
-                    result = await post_webhook(item.rcpt, content, self.config.relay.timeout)
-                else:
-                    result = await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
-                self.metrics.delivery_attempt(item.kind, result.outcome)
+                result = self._unrecorded.get(item.id)
+                if result is None:
+                    result = await self._attempt(item)
+                    self.metrics.delivery_attempt(item.kind, result.outcome)
+                    self._unrecorded[item.id] = result
                 await self.store.transact(lambda tx: self._record(tx, item, result))
+                del self._unrecorded[item.id]
                 log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
                          item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome,
                          result.reply)
         except Exception:
-            # Held back for one retry interval: an item whose attempt cannot be
-            # recorded (store full) must not be resent in a tight loop.
+            # Held back for one retry interval: an attempt that cannot be recorded
+            # (store full) is not repeated in a tight loop, and one the relay took is
+            # only recorded later, never sent again.
             self._held[item.id] = self.clock() + self.config.relay.retry.first
             log.exception("delivery of outbox item %d failed unexpectedly; it stays pending and is retried in %gs",
                           item.id, self.config.relay.retry.first)
         finally:
             self._inflight.pop(item.id, None)
             self._wake.set()
+
+    async def _attempt(self, item: OutboxItem) -> SendResult:
+        head, raw = await self.store.outbox_parts(item.id)
+        if raw is None:
+            content = head
+        elif len(raw) > _INLINE_ASSEMBLY:
+            content = await asyncio.to_thread(assemble, head, raw)
+        else:
+            content = assemble(head, raw)
+        if item.kind == "alert" and self._signer is not None:
+            # Alerts are built inside store transactions, where signing
+            # would block the loop; receipts and replies are signed when built.
+            content = await asyncio.to_thread(self._signer.sign, content)
+        if item.kind == "webhook":
+            return await post_webhook(item.rcpt, content, self.config.relay.timeout)
+        return await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
 
     async def _record(self, tx: Tx, item: OutboxItem, result: SendResult) -> None:
         now = self.clock()

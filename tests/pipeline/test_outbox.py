@@ -162,8 +162,11 @@ class TestNeverSilentlyDropped:
         assert b"Undeliverable forward" in alert.content
 
     async def test_an_attempt_that_cannot_be_recorded_is_not_resent_in_a_tight_loop(self, gateway, sink, monkeypatch):
+        """A message the relay took while the store was full is recorded later, never sent again."""
         from gatewayd.errors import StoreFull
         from gatewayd.outbox import Outbox
+
+        record = Outbox._record
 
         async def store_full(self, tx, item, result):
             raise StoreFull("database or disk is full")
@@ -172,3 +175,9 @@ class TestNeverSilentlyDropped:
         await sink.wait_for(1)
         await asyncio.sleep(1.0)
         assert len(sink.received) <= 8, "retried at most once per retry.first (0.2s), not in a loop"
+        assert len(sink.received) == 1, "the relay already has it: only the record is retried"
+
+        monkeypatch.setattr(Outbox, "_record", record)
+        await wait_until(lambda: _state_is(gateway.store, "sent"))
+        await asyncio.sleep(0.5)
+        assert len(sink.received) == 1
