@@ -109,6 +109,9 @@ class Intake:
             if limits.bare_newlines == "reject":
                 raise Refused("550 5.6.0 Message contains a bare CR, bare LF or NUL; send CRLF line endings")
             data = normalize_newlines(data)
+        if data[:1] in (b" ", b"\t"):
+            # It would fold into the last header gatewayd puts on top of the forward.
+            raise Refused("550 5.6.0 Message header begins with a continuation line (RFC 5322 2.2.3)")
         end = data.find(b"\r\n\r\n", 0, limits.max_header_size + 4)
         if (end < 0 and len(data) > limits.max_header_size) or end > limits.max_header_size:
             raise Refused(f"552 5.3.4 Header block exceeds {limits.max_header_size} bytes")

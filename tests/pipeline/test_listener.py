@@ -206,6 +206,12 @@ class TestHostileData:
         assert after.code == 250
         assert await ticket_count(gateway.store) == 0
 
+    async def test_a_header_that_begins_with_a_continuation_line_is_refused(self, gateway):
+        # On top of a forward it would fold into gatewayd's own Subject.
+        [reply] = await send_message(gateway.smtp_port, b" [SUP-9999] not a field\r\nSubject: x\r\n\r\nbody\r\n")
+        assert reply.code == 550 and reply.text.startswith("5.6.0")
+        assert await ticket_count(gateway.store) == 0
+
     async def test_normalize_mode_accepts_bare_newlines_as_crlf(self, gateway_factory):
         gw = await gateway_factory(limits="  bare_newlines: normalize\n")
         client = await Client.connect(gw.smtp_port)
