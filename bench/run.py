@@ -57,13 +57,13 @@ class Cell:
 class Gatewayd:
     """A gatewayd subprocess (bench/daemon.py) with a fresh store, relaying to ``relay_port``."""
 
-    def __init__(self, relay_port: int, max_connections: int = 1200) -> None:
+    def __init__(self, relay_port: int, dns_port: int, max_connections: int = 1200) -> None:
         self.root = scratch_dir("gw-bench-")
         self.port = free_port()
         self.stats_path = self.root / "stats.json"
         text = config_text(self.root, smtp_port=self.port, lmtp_port=free_port(), relay_port=relay_port,
                            limits=f"  max_connections: {max_connections}\n",
-                           extra='dns: {resolver: "127.0.0.1:9", timeout: 1s}\n')
+                           extra=f'dns: {{resolver: "127.0.0.1:{dns_port}", timeout: 1s}}\n')
         (self.root / "gatewayd.yaml").write_text(text)
         self.store = self.root / "gatewayd.sqlite3"
         self.process: subprocess.Popen[bytes] | None = None
@@ -125,7 +125,17 @@ def run_cell(target: str, port: int, pids, size: int, sessions: int) -> tuple[fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--targets", default="smtp-sink,postfix,gatewayd",
+                        help="comma-separated subset of smtp-sink,postfix,gatewayd (to iterate on one cell)")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of: 4 KB,100 KB")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="e.g. 10,50")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the fsync rate, light-load and idle-RSS measurements")
     args = parser.parse_args()
+    targets = set(args.targets.split(","))
+    sizes = {label: SIZES[label] for label in args.sizes.split(",")}
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the finally below stops every helper
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
 
@@ -135,30 +145,37 @@ def main() -> int:
     postfix = Postfix(scratch_dir("pf-bench-"), free_port(), settings={
         "relayhost": f"[127.0.0.1]:{relay_sink.port}", "default_process_limit": "200",
         "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0"})
+    dns_port = free_port()
+    resolver = subprocess.Popen([sys.executable, str(REPO / "bench" / "dns_stub.py"), str(dns_port)], cwd=REPO)
     try:
         ceiling.start()
         relay_sink.start()
         postfix.start()
-        disk = fsync_rate(scratch_dir("fsync-"))
+        disk = math.nan if args.no_extras else fsync_rate(scratch_dir("fsync-"))
         print(f"fsync rate: {disk:.0f}/s", file=sys.stderr)
-        for label, size in SIZES.items():
-            for sessions in CONCURRENCY:
+        for label, size in sizes.items():
+            for sessions in concurrency:
                 assert ceiling.process is not None
-                rate, samples, rss = run_cell("smtp-sink", ceiling.port, lambda: [ceiling.process.pid], size, sessions)
-                cells.append(Cell("smtp-sink", label, sessions, rate, percentile(samples, .5),
-                                  percentile(samples, .99), rss))
+                if "smtp-sink" in targets:
+                    rate, samples, rss = run_cell("smtp-sink", ceiling.port, lambda: [ceiling.process.pid], size,
+                                                  sessions)
+                    cells.append(Cell("smtp-sink", label, sessions, rate, percentile(samples, .5),
+                                      percentile(samples, .99), rss))
 
-                before = len(postfix_delays(postfix.log))
-                rate, samples, rss = run_cell("postfix", postfix.port, postfix.pids, size, sessions)
-                deadline = time.monotonic() + STEP_TIMEOUT
-                while not postfix.queue_is_empty() and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                time.sleep(1.5)
-                delays = postfix_delays(postfix.log)[before:]
-                cells.append(Cell("postfix", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
-                                  rss, percentile(delays, .5), percentile(delays, .99)))
+                if "postfix" in targets:
+                    before = len(postfix_delays(postfix.log))
+                    rate, samples, rss = run_cell("postfix", postfix.port, postfix.pids, size, sessions)
+                    deadline = time.monotonic() + STEP_TIMEOUT
+                    while not postfix.queue_is_empty() and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    time.sleep(1.5)
+                    delays = postfix_delays(postfix.log)[before:]
+                    cells.append(Cell("postfix", label, sessions, rate, percentile(samples, .5),
+                                      percentile(samples, .99), rss, percentile(delays, .5), percentile(delays, .99)))
 
-                gateway = Gatewayd(relay_sink.port)
+                if "gatewayd" not in targets:
+                    continue
+                gateway = Gatewayd(relay_sink.port, dns_port)
                 gateway.start()
                 rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
                 gateway.drain(STEP_TIMEOUT)
@@ -169,14 +186,17 @@ def main() -> int:
                                   {"commits_per_message": stats["commits"] / max(1, accepted),
                                    "accepted": accepted, "commits": stats["commits"]}))
 
-        gateway = Gatewayd(relay_sink.port)
+        if args.no_extras:
+            print(render(cells, disk, 0, 0, []))
+            return 0
+        gateway = Gatewayd(relay_sink.port, dns_port)
         gateway.start()
         paced(gateway.port, 4096, LIGHT_LOAD_COUNT, LIGHT_LOAD_RATE, STEP_TIMEOUT)
         gateway.drain(STEP_TIMEOUT)
         light, _ = gateway.end_to_end()
         gateway.stop()
 
-        gateway = Gatewayd(relay_sink.port)
+        gateway = Gatewayd(relay_sink.port, dns_port)
         gateway.start()
         baseline = rss_bytes(gateway.pids())
         held = idle_connections(gateway.port, 1000, 60)
@@ -186,6 +206,8 @@ def main() -> int:
             sock.close()
         gateway.stop()
     finally:
+        resolver.terminate()
+        resolver.wait(10)
         postfix.stop()
         relay_sink.stop()
         ceiling.stop()
@@ -208,8 +230,10 @@ def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: 
     for c in cells:
         ratio_pf = ratio_sink = commits = ""
         if c.target == "gatewayd":
-            ratio_pf = f"{c.rate / by_key[('postfix', c.size, c.sessions)].rate:.2f}"
-            ratio_sink = f"{c.rate / by_key[('smtp-sink', c.size, c.sessions)].rate:.2f}"
+            postfix = by_key.get(("postfix", c.size, c.sessions))
+            sink = by_key.get(("smtp-sink", c.size, c.sessions))
+            ratio_pf = f"{c.rate / postfix.rate:.2f}" if postfix else ""
+            ratio_sink = f"{c.rate / sink.rate:.2f}" if sink else ""
             commits = f"{c.extra['commits_per_message']:.2f}"
         lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
                      f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} |")
