@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import MailPath
+from tests.integration.conftest import CUSTOMER, MailPath
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,15 @@ class TestPostfixInFront:
         bounce = await path.wait_for_mail(("carol",), lambda m: "Undelivered" in str(m.get("Subject", "")))
         assert "550 5.1.1" in bounce[0][1].as_string()
         assert await path.gateway.store.tickets() == []
+
+    async def test_the_mx_relays_for_nobody_only_gatewayds_relay_port_sends_onwards(self, mail_path):
+        path = await mail_path()
+        refused = await path.swaks(port=path.postfix.port, subject="Relay me", sender="someone@elsewhere.test",
+                                   to=CUSTOMER, expect_ok=False)
+        assert f"554 5.7.1 <{CUSTOMER}>: Relay access denied" in refused
+        await path.swaks(port=path.relay_port, subject="Sent on by the relay port", sender="bounces@example.test",
+                         to=CUSTOMER)
+        await path.wait_for_mail(("carol",), lambda m: m["Subject"] == "Sent on by the relay port")
 
 
 class TestGatewaydAsMx:

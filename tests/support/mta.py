@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -60,6 +61,22 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def _cooled(path: Path) -> None:
+    """Dates ``path`` a minute back: Postfix re-reads a config file written within the last second
+    ("pausing to let it cool down", 0.3 s at a time), which would slow every Postfix command and daemon."""
+    past = time.time() - 60
+    os.utime(path, (past, past))
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def _tty_run(command: list[str]) -> str:
     """Runs a Postfix command with a pseudo-terminal: without syslog, that is where it reports errors."""
     done = subprocess.run(["script", "-qec", " ".join(command), "/dev/null"],
@@ -71,12 +88,17 @@ def _tty_run(command: list[str]) -> str:
 
 @dataclass
 class Postfix:
-    """One Postfix instance: ``smtpd`` on ``port``; ``settings`` go into main.cf after the base lines."""
+    """One Postfix instance: ``smtpd`` on ``port``; ``settings`` go into main.cf after the base lines.
+
+    ``services`` is appended to master.cf (more listeners, e.g. a relay port with ``-o`` overrides);
+    ``maps`` are written to the config directory and ``postmap``-ed.
+    """
 
     root: Path
     port: int
     settings: Mapping[str, str] = field(default_factory=dict)
     maps: Mapping[str, str] = field(default_factory=dict)
+    services: str = ""
 
     @property
     def config_dir(self) -> Path:
@@ -105,7 +127,7 @@ class Postfix:
             "local_recipient_maps": "",
             "smtputf8_enable": "yes",
             "biff": "no",
-            "maillog_file_prefixes": "/tmp",
+            "maillog_file_prefixes": str(self.root),
             "maillog_file": str(self.log),
         }
         base.update(self.settings)
@@ -117,10 +139,16 @@ class Postfix:
         (self.root / "data").mkdir(exist_ok=True)
         shutil.chown(self.root / "data", "postfix")
         (self.config_dir / "main.cf").write_text(self.main_cf())
-        (self.config_dir / "master.cf").write_text(POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.config_dir / "master.cf").write_text(self.master_cf())
+        _cooled(self.config_dir / "main.cf")
+        _cooled(self.config_dir / "master.cf")
         for name, text in self.maps.items():
             (self.config_dir / name).write_text(text)
+            _cooled(self.config_dir / name)
             _tty_run(["postmap", "-c", str(self.config_dir), str(self.config_dir / name)])
+
+    def master_cf(self) -> str:
+        return POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}") + self.services
 
     def start(self) -> None:
         self.write()
@@ -128,16 +156,20 @@ class Postfix:
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        subprocess.run(["script", "-qec", f"postfix -c {self.config_dir} stop", "/dev/null"],
-                       capture_output=True, timeout=60, check=False)
-        pid_file = self.root / "queue" / "pid" / "master.pid"
+        """SIGTERM to this instance's master, as ``postfix stop`` does, without its one-second naps."""
+        try:
+            master = int((self.root / "queue" / "pid" / "master.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        if not _alive(master):
+            return
+        os.kill(master, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while pid_file.exists() and time.monotonic() < deadline:
-            try:
-                os.kill(int(pid_file.read_text().strip()), 0)
-            except (ProcessLookupError, ValueError):
-                break
-            time.sleep(0.1)
+        while _alive(master) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(master):
+            subprocess.run(["script", "-qec", f"postfix -c {self.config_dir} abort", "/dev/null"],
+                           capture_output=True, timeout=60, check=False)
 
     def queue_is_empty(self) -> bool:
         queue = self.root / "queue"
@@ -211,6 +243,10 @@ service lmtp {{
 """
 
 
+# One line of the passwd-file ``users``: the mailbox name and its password (``secret``).
+DOVECOT_USER = "{user}:{{PLAIN}}secret::::::\n"
+
+
 @dataclass
 class Dovecot:
     """Dovecot with one Maildir per user, LMTP in and IMAP out; every password is ``secret``."""
@@ -224,20 +260,25 @@ class Dovecot:
     def start(self) -> None:
         (self.root / "mail").mkdir(parents=True, exist_ok=True)
         shutil.chown(self.root / "mail", "nobody", "nogroup")
-        (self.root / "users").write_text("".join(f"{user}:{{PLAIN}}secret::::::\n" for user in self.users))
+        (self.root / "users").write_text("".join(DOVECOT_USER.format(user=user) for user in self.users))
         conf = self.root / "dovecot.conf"
         conf.write_text(DOVECOT_CONF.format(root=self.root, imap_port=self.imap_port, lmtp_port=self.lmtp_port))
-        self.process = subprocess.Popen(["dovecot", "-F", "-c", str(conf)],
+        # Its own session, so stop() can signal this instance's master and children together.
+        self.process = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], start_new_session=True,
                                         stdout=subprocess.DEVNULL, stderr=(self.root / "stderr.log").open("wb"))
         wait_for_port(self.lmtp_port)
         wait_for_port(self.imap_port)
 
     def stop(self) -> None:
+        """SIGTERM to this instance's process group (its master alone would wait a second for the children)."""
         if self.process is not None:
-            self.process.terminate()
+            group = self.process.pid
             try:
+                os.killpg(group, signal.SIGTERM)
                 self.process.wait(15)
+            except ProcessLookupError:
+                pass
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(group, signal.SIGKILL)
                 self.process.wait(5)
             self.process = None
