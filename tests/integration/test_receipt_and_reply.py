@@ -76,6 +76,7 @@ async def assert_receipt(path: MailPath) -> None:
     due = datetime.fromtimestamp(ticket.created_at + FIRST_RESPONSE_HOURS * 3600, timezone.utc)
     assert "SUP-1000" in text
     assert due.strftime("%A %H:%M UTC") in text, f"the receipt does not promise an answer by {due}:\n{text}"
+    assert "_dmarc.customer.test." in path.dns.queries, "gatewayd's DMARC lookup went to the loopback DNS"
 
 
 async def reply_as_the_agent(path: MailPath, *, port: int,
@@ -111,7 +112,7 @@ async def assert_reply_reached_the_customer(path: MailPath, agent: str, reply_to
     for hidden in (f"{agent}@agents.example.test", reply_to):
         assert hidden.encode() not in reply.raw.lower(), f"the customer can see {hidden}"
     await assert_signed_by_the_support_domain(path, reply)
-    [(_, _receipt)] = await path.wait_for_mail(("carol",), is_receipt)
+    assert [t.number for t in await path.gateway.store.tickets()] == [1000], "the agent's mail opened a ticket"
 
     shown = await audit_trail(path, lambda e: e["kind"] == "delivered" and e["detail"]["kind"] == "reply")
     assert shown["ticket"]["agent"] == agent and shown["ticket"]["status"] == "open"
@@ -146,6 +147,19 @@ class TestPostfixInFront:
         path = await mail_path(lmtp=lmtp)
         await path.inject(port=path.postfix.port, subject=SUBJECT, message_id=CUSTOMER_MESSAGE_ID)
         await assert_receipt(path)
+
+    async def test_the_customers_answer_to_the_receipt_reaches_the_agent_on_the_same_ticket(self, mail_path):
+        path = await mail_path()
+        await path.inject(port=path.postfix.port, subject=SUBJECT, message_id=CUSTOMER_MESSAGE_ID)
+        [(_, receipt)] = await path.wait_for_mail(("carol",), is_receipt)
+        [(agent, _)] = await path.wait_for_mail(AGENTS, is_forward)
+        await path.swaks(port=path.postfix.port, to=address_of(receipt, "Reply-To"),
+                         subject=f"Re: {receipt['Subject']}", body="It is still smoking.",
+                         headers=(f"In-Reply-To: {receipt['Message-ID']}",))
+        [(owner, followup)] = await path.wait_for_mail(AGENTS, lambda m: is_forward(m) and "still smoking" in
+                                                       text_of(m))
+        assert owner == agent and followup["X-Gatewayd-Ticket"] == "SUP-1000"
+        assert [t.number for t in await path.gateway.store.tickets()] == [1000]
 
     @pytest.mark.parametrize("lmtp", ["tcp", "unix"])
     async def test_the_agents_reply_reaches_the_customer_from_the_support_address(self, mail_path, lmtp):
