@@ -13,6 +13,7 @@ looked up in the test's loopback DNS.
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,6 +60,17 @@ async def assert_signed_by_the_support_domain(path: MailPath, m: Mail) -> None:
     assert await path.dkim_verifies(m), f"DKIM-Signature does not verify after Postfix and Dovecot:\n{m.raw!r}"
 
 
+async def assert_sent_through_the_relay_port(path: MailPath, m: Mail) -> None:
+    """Postfix took the message from gatewayd on the relay port (its log tag), not on the MX port."""
+    queue_ids = re.findall(r"by mx\.example\.test \(Postfix\) with E?SMTPS? id (\w+)", str(m.get_all("Received")))
+    assert len(queue_ids) == 1, m.get_all("Received")
+    pattern = re.compile(rf"postfix/gatewayd/smtpd\[\d+\]: {queue_ids[0]}: client=localhost\[127\.0\.0\.1\]")
+    deadline = asyncio.get_running_loop().time() + 5
+    while not pattern.search(path.postfix.log.read_text()):
+        assert asyncio.get_running_loop().time() < deadline, f"{queue_ids[0]} did not come in on the relay port"
+        await asyncio.sleep(0.1)
+
+
 async def assert_receipt(path: MailPath) -> None:
     """Exactly one receipt for SUP-1000 in carol's mailbox, as RFC 3834 and the SLA promise it."""
     [(_, receipt)] = await path.wait_for_mail(("carol",), is_receipt)
@@ -77,6 +89,7 @@ async def assert_receipt(path: MailPath) -> None:
     assert "SUP-1000" in text
     assert due.strftime("%A %H:%M UTC") in text, f"the receipt does not promise an answer by {due}:\n{text}"
     assert "_dmarc.customer.test." in path.dns.queries, "gatewayd's DMARC lookup went to the loopback DNS"
+    await assert_sent_through_the_relay_port(path, receipt)
 
 
 async def reply_as_the_agent(path: MailPath, *, port: int,
@@ -112,6 +125,7 @@ async def assert_reply_reached_the_customer(path: MailPath, agent: str, reply_to
     for hidden in (f"{agent}@agents.example.test", reply_to):
         assert hidden.encode() not in reply.raw.lower(), f"the customer can see {hidden}"
     await assert_signed_by_the_support_domain(path, reply)
+    await assert_sent_through_the_relay_port(path, reply)
     assert [t.number for t in await path.gateway.store.tickets()] == [1000], "the agent's mail opened a ticket"
 
     shown = await audit_trail(path, lambda e: e["kind"] == "delivered" and e["detail"]["kind"] == "reply")
