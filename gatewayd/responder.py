@@ -1,19 +1,19 @@
 """The receipt worker: turns committed ``receipt`` work items into receipts in the outbox.
 
 It runs after the ``250`` and after the ticket's routing (work items run in
-order), so whatever it decides, the ticket already exists and is forwarded.
-Each item ends in one transaction: the rate limits are checked and counted,
-and either the signed receipt goes into the outbox or a suppression event
-with its reason is written. A receipt that cannot be built is recorded as
-``receipt_failed`` and never holds up the work behind it; a store failure
-(:class:`~gatewayd.errors.StoreError`) is not the receipt's fault and is
-raised, so the item stays queued and is retried.
+order, in the router's batches), so whatever it decides, the ticket already
+exists and is forwarded. Each item ends in one write, committed with its
+batch: the rate limits are checked and counted, and either the signed receipt
+goes into the outbox or a suppression event with its reason is written. A
+receipt that cannot be built is recorded as ``receipt_failed`` and never holds
+up the work behind it; a store failure (:class:`~gatewayd.errors.StoreError`)
+is not the receipt's fault and is raised, so the item stays queued and is
+retried.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from .autoreply import Decision, Policy, rate_limited, record
+from .batch import BatchView, Planned
 from .business_hours import describe, expected_by
 from .config import Config
 from .dkim import Signer, Verdict
@@ -50,71 +51,91 @@ class Responder:
         self.signer = Signer.from_config(config.dkim) if config.dkim else None
 
     async def handle(self, item: WorkItem) -> bool:
-        """Decides and commits one receipt; True when one was queued for sending."""
+        """Decides and commits one receipt on its own; True when one was queued for sending."""
         try:
             return await self._respond(item)
         except StoreError:
             # The store failing is not the receipt's fault: the item stays queued and is retried.
             raise
         except Exception as exc:
-            log.exception("receipt for ticket %s failed; the ticket itself is unaffected", item.ticket)
-            detail = {"message": item.message, "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-            async def failed(tx: Tx) -> None:
-                await add_event(tx, item.ticket, "receipt_failed", detail)
-                await work_done(tx, item.id)
-            await self.store.transact(failed)
+            planned = self._failed(item, exc)
+            await self.store.transact(planned.write)
             return False
+
+    async def plan(self, item: WorkItem, view: BatchView) -> Planned:
+        """Decides one receipt of a router batch; only a :class:`StoreError` is raised."""
+        try:
+            return await self._plan(item, view)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return self._failed(item, exc)
 
     async def _respond(self, item: WorkItem) -> bool:
-        ticket = await self.store.ticket(item.ticket)
-        message = await self.store.message(item.message) if item.message is not None else None
-        if ticket is None or message is None:
-            await self.store.transact(lambda tx: work_done(tx, item.id))
+        planned = await self._plan(item, BatchView(self.store))
+        return planned.after(await self.store.transact(planned.write))
+
+    def _failed(self, item: WorkItem, exc: Exception) -> Planned:
+        log.error("receipt for ticket %s failed; the ticket itself is unaffected", item.ticket, exc_info=exc)
+        detail = {"message": item.message, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+        async def failed(tx: Tx) -> None:
+            await add_event(tx, item.ticket, "receipt_failed", detail)
+            await work_done(tx, item.id)
+        return Planned(failed)
+
+    def _suppressed(self, item: WorkItem, kind: str, reason: str, ticket: int) -> Planned:
+        def after(_: None) -> bool:
+            self.metrics.autoreply("suppressed", reason)
+            if reason != "disabled":
+                log.info("receipt suppressed ticket=%s reason=%s", self.ids.ref(ticket), reason)
             return False
+        return Planned(lambda tx: self._suppress(tx, item, kind, reason), after)
+
+    async def _plan(self, item: WorkItem, view: BatchView) -> Planned:
+        ticket = await view.ticket(item.ticket)
+        inbound = await self.store.inbound(item.message) if item.message is not None else None
+        if ticket is None or inbound is None:
+            return Planned(lambda tx: work_done(tx, item.id))
         if not self.config.autoreply.enabled or self.config.autoreply.templates is None:
-            await self.store.transact(lambda tx: self._suppress(tx, item, "receipt", "disabled"))
-            self.metrics.autoreply("suppressed", "disabled")
-            return False
-        raw = await self.store.message_raw(message.id)
-        row = await self.store.fetchone("SELECT auth FROM messages WHERE id = ?", (message.id,))
-        verdict = Verdict.from_json(json.loads(row[0]) if row and row[0] else None)
-        followup = await self.store.first_message(ticket.number) != message.id
+            return self._suppressed(item, "receipt", "disabled", ticket.number)
+        message, raw = inbound.record, inbound.raw
+        verdict = Verdict.from_json(inbound.auth)
+        followup = await view.first_message(ticket.number) != message.id
         kind = "followup" if followup else "receipt"
         decision = await asyncio.to_thread(self.policy.decide, message.mail_from, raw, verdict)
         if not decision.send:
-            await self.store.transact(lambda tx: self._suppress(tx, item, kind, decision.reason))
-            self.metrics.autoreply("suppressed", decision.reason)
-            log.info("receipt suppressed ticket=%s reason=%s", self.ids.ref(ticket.number), decision.reason)
-            return False
+            return self._suppressed(item, kind, decision.reason, ticket.number)
         assert decision.rcpt is not None
+        rcpt = decision.rcpt
         message_id = self.ids.message_id(ticket.number)
         data = await asyncio.to_thread(self._compose, kind, ticket, message, raw, decision, message_id)
         now = self.clock()
+        rate = self.config.autoreply.rate
 
         async def commit(tx: Tx) -> str | None:
-            limited = await rate_limited(tx, self.config.autoreply.rate, ticket.number, kind, decision.rcpt or "",
-                                         now)
+            limited = await rate_limited(tx, rate, ticket.number, kind, rcpt, now)
             if limited:
                 await self._suppress(tx, item, kind, limited)
                 return limited
-            await record(tx, ticket.number, kind, decision.rcpt or "", now)
-            await enqueue(tx, kind="receipt", ticket=ticket.number, rcpt=decision.rcpt, mail_from="",
+            await record(tx, ticket.number, kind, rcpt, now)
+            await enqueue(tx, kind="receipt", ticket=ticket.number, rcpt=rcpt, mail_from="",
                           message_id=message_id, content=data, now=now)
             await add_event(tx, ticket.number, "receipt_queued", {
-                "message": message.id, "kind": kind, "rcpt": decision.rcpt, "message_id": message_id,
+                "message": message.id, "kind": kind, "rcpt": rcpt, "message_id": message_id,
                 "signed": self.signer is not None}, at=now)
             await work_done(tx, item.id, now)
             return None
 
-        limited = await self.store.transact(commit)
-        if limited:
-            self.metrics.autoreply("suppressed", limited)
-            log.info("receipt suppressed ticket=%s reason=%s", self.ids.ref(ticket.number), limited)
-            return False
-        self.metrics.autoreply("sent", "none")
-        log.info("receipt queued ticket=%s kind=%s rcpt=<%s>", self.ids.ref(ticket.number), kind, decision.rcpt)
-        return True
+        def after(limited: str | None) -> bool:
+            if limited:
+                self.metrics.autoreply("suppressed", limited)
+                log.info("receipt suppressed ticket=%s reason=%s", self.ids.ref(ticket.number), limited)
+                return False
+            self.metrics.autoreply("sent", "none")
+            log.info("receipt queued ticket=%s kind=%s rcpt=<%s>", self.ids.ref(ticket.number), kind, rcpt)
+            return True
+        return Planned(commit, after)
 
     async def _suppress(self, tx: Tx, item: WorkItem, kind: str, reason: str) -> None:
         await add_event(tx, item.ticket, "autoreply_suppressed", {"message": item.message, "kind": kind,

@@ -2,19 +2,26 @@
 
 It runs after the ``250``, from work rows written in the intake transaction,
 so a slow or broken plugin can delay a forward but never lose a message or
-its acceptance. Each item is finished in one transaction: owner, event with
-the plugin trace, outbox row, work row marked done. A crash in between simply
-routes the item again on restart.
+its acceptance.
+
+Items are taken in batches. Each item is decided in order (the plugin chain
+runs for one item at a time, as ever) and its writes — owner, event with the
+plugin trace, outbox row, work row marked done — wait for the batch's single
+commit, each in a SAVEPOINT of its own so one failing item rolls back alone.
+A :class:`~gatewayd.batch.BatchView` shows later items the decisions of earlier
+ones (owners, loads, round-robin position). A crash before the commit simply
+routes the batch again on restart.
 
 ``receipt`` work items (written by intake after a ticket's ``route`` item) go
-to the :class:`~gatewayd.responder.Responder` on this same worker, so a
-receipt is decided after the ticket is routed and can name its team.
+to the :class:`~gatewayd.responder.Responder` in the same batches, so a
+receipt is decided after the ticket is routed and can name its team. Work
+kinds with handlers that commit on their own (agent replies, hand-overs) end
+the batch before them: they read the store, so it must hold what came before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from .batch import BatchView, Planned
 from .compose import assemble, forward_head, header
 from .config import Config
 from .dispatch import RoutingChain, RoutingResult, TraceStep
@@ -40,6 +48,10 @@ log = logging.getLogger("gatewayd.router")
 
 _RETRY_AFTER_ERROR = 5.0
 _MAX_FAILURES = 3
+# A batch is committed after this many items or this long spent deciding, whichever
+# comes first: big enough to share one commit, short enough not to hold back its first forward.
+_BATCH_ITEMS = 64
+_BATCH_SECONDS = 0.05
 
 
 class StorePluginState:
@@ -88,15 +100,14 @@ class Router:
         self.metrics = metrics
         self._on_enqueued = on_enqueued
         self._wake = asyncio.Event()
-        self._state = StorePluginState(store)
         self._stopping = False
         self._held: dict[int, float] = {}
         self._failures: dict[int, int] = {}
         self._replies = reply_addresses(config.support.addresses, config.support.reply_secret)
-        # Work kinds other than 'route' (agent replies, re-offers) handled on this one worker,
-        # so everything that changes a ticket after intake happens in order.
-        self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {"reoffer": self.route,
-                                                                            "receipt": self.receipt}
+        # Work kinds whose handlers commit on their own (agent replies), handled on this one
+        # worker so everything that changes a ticket after intake happens in order. Receipts
+        # and everything else ('route', 'reoffer') are decided in batches.
+        self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {}
         self.responder = Responder(config, store, ids, metrics)
 
     def wake(self) -> None:
@@ -108,22 +119,15 @@ class Router:
         self.chain = chain
         self.responder = Responder(config, self.store, self.ids, self.metrics)
 
-    async def receipt(self, item: WorkItem) -> None:
-        if await self.responder.handle(item):
-            self._on_enqueued()
+    async def plan_receipt(self, item: WorkItem, view: BatchView) -> Planned:
+        return await self.responder.plan(item, view)
 
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             delay = 5.0
             try:
-                progressed = False
-                for item in await self.store.pending_work(limit=100):
-                    if self._stopping:
-                        return
-                    if self._held.get(item.id, 0.0) <= time.monotonic():
-                        progressed = await self._handle(item) or progressed
-                if progressed and await self.store.pending_work(limit=1):
+                if await self.work_through():
                     continue
                 if self._held:
                     delay = max(0.05, min(delay, min(self._held.values()) - time.monotonic()))
@@ -135,87 +139,163 @@ class Router:
             except asyncio.TimeoutError:
                 pass
 
-    async def _handle(self, item: WorkItem) -> bool:
-        """Runs one work item; a failing item is held back and retried, never blocking the others.
-
-        Store trouble is retried for as long as it lasts. Any other failure is a
-        defect or hostile input: after ``_MAX_FAILURES`` tries the item is set
-        aside with a ``work_failed`` event (the message stays stored, visible in
-        ``tickets show``) so the queue behind it keeps moving.
-        """
-        try:
-            await self.handlers.get(item.kind, self.route)(item)
-        except StoreError as exc:
-            log.warning("work item %d (%s) waits for the store: %s", item.id, item.kind, exc)
-            self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR
+    async def work_through(self) -> bool:
+        """Handles one batch of the pending work that is not held back; True if more may be waiting."""
+        now = time.monotonic()
+        self._held = {item: until for item, until in self._held.items() if until > now}
+        items = await self.store.pending_work(limit=_BATCH_ITEMS, excluding=tuple(self._held))
+        if not items:
             return False
-        except Exception as exc:
-            failures = self._failures.get(item.id, 0) + 1
-            self._failures[item.id] = failures
-            log.exception("work item %d (%s) for ticket %s failed (%d of %d tries)",
-                          item.id, item.kind, self.ids.ref(item.ticket), failures, _MAX_FAILURES)
-            if failures < _MAX_FAILURES:
-                self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR * failures
-                return False
-            detail = {"work": item.id, "kind": item.kind, "message": item.message,
-                      "error": f"{type(exc).__name__}: {exc}"[:300]}
+        view = BatchView(self.store)
+        batch: list[tuple[WorkItem, Planned]] = []
+        started = time.monotonic()
+        for item in items:
+            if self._stopping:
+                break
+            if item.kind in self.handlers:
+                await self._commit(batch, view)
+                batch, view = [], BatchView(self.store)
+                await self._handle(item)
+            else:
+                planned = await self._plan(item, view)
+                if planned is not None:
+                    batch.append((item, planned))
+            if time.monotonic() - started > _BATCH_SECONDS:
+                break
+        await self._commit(batch, view)
+        return not self._stopping
 
-            async def give_up(tx: Tx) -> None:
-                await add_event(tx, item.ticket, "work_failed", detail, actor="gatewayd")
-                await work_done(tx, item.id)
-            await self.store.transact(give_up)
+    async def _plan(self, item: WorkItem, view: BatchView) -> Planned | None:
+        """Decides one item; None when it is held back (its failure counted) instead."""
+        try:
+            if item.kind == "receipt":
+                return await self.plan_receipt(item, view)
+            return await self.plan_route(item, view)
+        except StoreError as exc:
+            self._wait_for_store(item, exc)
+        except Exception as exc:
+            return self._failed(item, exc)
+        return None
+
+    async def _commit(self, batch: list[tuple[WorkItem, Planned]], view: BatchView | None) -> None:
+        """Commits a batch's writes (and its plugin state) in one transaction, then runs each item's ``after``."""
+        parts = [planned.write for _, planned in batch]
+        state = view.plugin_state.write_back() if view is not None else None
+        if state is not None:
+            parts.append(state)
+        if not parts:
+            return
+        try:
+            outcomes = await self.store.transact_each(parts)
+        except StoreError as exc:
+            for item, _ in batch:
+                self._wait_for_store(item, exc)
+            return
+        if state is not None and isinstance(outcomes[-1], Exception):
+            log.error("plugin state of this batch was not saved: %s", outcomes[-1])
+        enqueued = False
+        given_up: list[tuple[WorkItem, Planned]] = []
+        for (item, planned), outcome in zip(batch, outcomes):
+            if isinstance(outcome, StoreError):
+                self._wait_for_store(item, outcome)
+            elif isinstance(outcome, Exception):
+                if (give_up := self._failed(item, outcome)) is not None:
+                    given_up.append((item, give_up))
+            else:
+                self._held.pop(item.id, None)
+                self._failures.pop(item.id, None)
+                enqueued = planned.after(outcome) or enqueued
+        if enqueued:
+            self._on_enqueued()
+        if given_up:
+            await self._commit(given_up, None)
+
+    async def _handle(self, item: WorkItem) -> None:
+        """Runs one item whose handler commits on its own, with the same failure rules as a batch's items."""
+        try:
+            await self.handlers[item.kind](item)
+        except StoreError as exc:
+            self._wait_for_store(item, exc)
+            return
+        except Exception as exc:
+            if (give_up := self._failed(item, exc)) is not None:
+                await self._commit([(item, give_up)], None)
+            return
         self._held.pop(item.id, None)
         self._failures.pop(item.id, None)
-        return True
+
+    def _wait_for_store(self, item: WorkItem, exc: StoreError) -> None:
+        """Store trouble is not the item's fault: retried for as long as it lasts."""
+        log.warning("work item %d (%s) waits for the store: %s", item.id, item.kind, exc)
+        self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR
+
+    def _failed(self, item: WorkItem, exc: Exception) -> Planned | None:
+        """Holds a failing item back, never blocking the others; after ``_MAX_FAILURES`` tries sets it aside.
+
+        Any failure other than the store's is a defect or hostile input: the
+        item ends with a ``work_failed`` event (the message stays stored,
+        visible in ``tickets show``) so the queue behind it keeps moving.
+        """
+        failures = self._failures.get(item.id, 0) + 1
+        self._failures[item.id] = failures
+        log.error("work item %d (%s) for ticket %s failed (%d of %d tries)", item.id, item.kind,
+                  self.ids.ref(item.ticket), failures, _MAX_FAILURES, exc_info=exc)
+        if failures < _MAX_FAILURES:
+            self._held[item.id] = time.monotonic() + _RETRY_AFTER_ERROR * failures
+            return None
+        detail = {"work": item.id, "kind": item.kind, "message": item.message,
+                  "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+        async def give_up(tx: Tx) -> None:
+            await add_event(tx, item.ticket, "work_failed", detail, actor="gatewayd")
+            await work_done(tx, item.id)
+        return Planned(give_up)
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
 
-    async def agents(self) -> list[AgentView]:
-        return agent_views(self.config, await self.store.agent_states())
-
-    async def decide(self, ticket: TicketRecord, message: MessageView, followup: bool) -> Routed:
+    async def decide(self, ticket: TicketRecord, message: MessageView, followup: bool, view: BatchView) -> Routed:
         """Runs the chain (or keeps the owner of a follow-up) and says where the message goes."""
-        agents = await self.agents()
+        agents = agent_views(self.config, await view.agent_states())
         owner = next((a for a in agents if a.name == ticket.agent), None)
         if followup and owner is not None and not owner.away:
             step = TraceStep("owner", "pick", f"follow-up stays with the ticket's owner {owner.name}", 0.0)
             return Routed(owner.address, owner.name, ticket.team, ticket.priority,
                           f"owner -> {owner.name}", (step,))
-        view = TicketView(
+        view_of_ticket = TicketView(
             id=self.ids.ref(ticket.number), subject=ticket.subject, customer=ticket.customer,
             priority=ticket.priority, created_at=datetime.fromtimestamp(ticket.created_at, timezone.utc),
             team=ticket.team, agent=ticket.agent, is_followup=followup,
             lapsed_agents=await lapsed_agents(self.store, ticket.number),
-            customer_previous_agents=await self.store.customer_previous_agents(ticket.customer, ticket.number))
-        result: RoutingResult = await self.chain.route(view, message, agents, self._state)
+            customer_previous_agents=await view.customer_previous_agents(ticket.customer, ticket.number))
+        result: RoutingResult = await self.chain.route(view_of_ticket, message, agents, view.plugin_state)
         if result.agent is not None:
             address = next(a.address for a in agents if a.name == result.agent)
             return Routed(address, result.agent, result.team, result.priority, result.summary, result.trace)
         assert result.supervisor is not None
         return Routed(result.supervisor, None, result.team, result.priority, result.summary, result.trace)
 
-    async def route(self, item: WorkItem) -> None:
-        ticket = await self.store.ticket(item.ticket)
-        record = await self.store.message(item.message) if item.message is not None else None
-        if ticket is None or record is None:
+    async def plan_route(self, item: WorkItem, view: BatchView) -> Planned:
+        ticket = await view.ticket(item.ticket)
+        inbound = await self.store.inbound(item.message) if item.message is not None else None
+        if ticket is None or inbound is None:
             log.error("work item %d names a missing ticket or message; marking it done", item.id)
-            await self.store.transact(lambda tx: work_done(tx, item.id))
-            return
-        raw = await self.store.message_raw(record.id)
-        results = await self._authentication_results(record.id)
+            return Planned(lambda tx: work_done(tx, item.id))
+        record, raw, results = inbound.record, inbound.raw, inbound.authentication_results
         seen = assemble(header("Authentication-Results", results), raw) if results else raw
         message = await asyncio.to_thread(message_view_from_bytes, seen, record.mail_from, record.rcpt_to,
                                           max_depth=self.config.limits.mime_depth)
-        followup = await self.store.first_message(ticket.number) != record.id
-        routed = await self.decide(ticket, message, followup)
+        followup = await view.first_message(ticket.number) != record.id
+        routed = await self.decide(ticket, message, followup, view)
         message_id = self.ids.message_id(ticket.number)
         head = forward_head(self.ids, ticket.number, raw, agent=routed.agent or "(supervisor)",
                             message_id=message_id, route_summary=routed.summary,
                             reply_to=self._replies.for_agent(ticket.number, routed.agent) if routed.agent else None,
                             authentication_results=results)
         now = time.time()
+        await view.assign(ticket, routed.agent, routed.team, routed.priority, now)
+        bounce = self.config.support.bounce_address
 
         async def commit(tx: Tx) -> None:
             if routed.agent is not None and routed.agent != ticket.agent:
@@ -233,20 +313,13 @@ class Router:
                 "trace": [{"plugin": s.plugin, "outcome": s.outcome, "reason": s.reason, "ms": s.ms}
                           for s in routed.trace]}, at=now)
             await enqueue(tx, kind="forward", ticket=ticket.number, message=record.id, agent=routed.agent,
-                          mail_from=self.config.support.bounce_address, rcpt=routed.rcpt, message_id=message_id,
-                          content=head, now=now)
+                          mail_from=bounce, rcpt=routed.rcpt, message_id=message_id, content=head, now=now)
             await work_done(tx, item.id, now)
 
-        await self.store.transact(commit)
-        if not followup and routed.team and item.kind == "route":
-            self.metrics.ticket_created(routed.team)
-        log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
-                 routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
-        self._on_enqueued()
-
-
-    async def _authentication_results(self, message: int) -> str | None:
-        """The ``Authentication-Results`` value intake recorded for ``message`` (None before migration 3)."""
-        row = await self.store.fetchone("SELECT auth FROM messages WHERE id = ?", (message,))
-        return json.loads(row[0]).get("header") if row and row[0] else None
-
+        def after(_: None) -> bool:
+            if not followup and routed.team and item.kind == "route":
+                self.metrics.ticket_created(routed.team)
+            log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
+                     routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
+            return True
+        return Planned(commit, after)

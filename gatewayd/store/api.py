@@ -70,6 +70,20 @@ class OutboxItem:
 
 
 @dataclass(frozen=True)
+class Inbound:
+    """A stored message with its raw bytes and the authentication verdict intake recorded (None: none)."""
+
+    record: MessageRecord
+    raw: bytes
+    auth: dict[str, Any] | None
+
+    @property
+    def authentication_results(self) -> str | None:
+        """The ``Authentication-Results`` value intake recorded."""
+        return self.auth.get("header") if self.auth else None
+
+
+@dataclass(frozen=True)
 class WorkItem:
     id: int
     kind: str
@@ -115,6 +129,13 @@ _OVERDUE_SQL = """
 """
 
 
+async def plugin_state_write(tx: Tx, plugin: str, key: str, value: Any) -> None:
+    await tx.execute(
+        "INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+        (plugin, key, json.dumps(value, sort_keys=True)))
+
+
 async def work_done(tx: Tx, work: int, now: float | None = None) -> None:
     """Marks a work item finished; done in the same transaction as the item's effect."""
     await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now if now is not None else time.time(), work))
@@ -153,6 +174,15 @@ class Store(Database):
             "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at "
             "FROM messages WHERE id = ?", (message,))
         return _message_records(rows)[0] if rows else None
+
+    async def inbound(self, message: int) -> Inbound | None:
+        """One read for what routing and receipts need of a message."""
+        row = await self.fetchone(
+            "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at, raw, auth "
+            "FROM messages WHERE id = ?", (message,))
+        if row is None:
+            return None
+        return Inbound(_message_records([row[:9]])[0], bytes(row[9]), json.loads(row[10]) if row[10] else None)
 
     async def first_message(self, ticket: int) -> int | None:
         row = await self.fetchone("SELECT min(id) FROM messages WHERE ticket = ?", (ticket,))
@@ -193,9 +223,12 @@ class Store(Database):
             raise KeyError(f"outbox item {item} is not in the store")
         return bytes(row[0]), (bytes(row[1]) if row[1] is not None else None)
 
-    async def pending_work(self, limit: int = 100) -> list[WorkItem]:
+    async def pending_work(self, limit: int = 100, excluding: Collection[int] = ()) -> list[WorkItem]:
+        """The oldest unfinished work items, skipping ``excluding`` (items held back after a failure)."""
+        marks = ",".join("?" * len(excluding))
         rows = await self.fetchall(
-            "SELECT id, kind, ticket, message FROM work WHERE done_at IS NULL ORDER BY id LIMIT ?", (limit,))
+            f"SELECT id, kind, ticket, message FROM work WHERE done_at IS NULL AND id NOT IN ({marks}) "
+            "ORDER BY id LIMIT ?", (*excluding, limit))
         return [WorkItem(*row) for row in rows]
 
     async def agent_states(self) -> dict[str, AgentState]:
@@ -218,20 +251,24 @@ class Store(Database):
         await self.transact(write)
 
     async def customer_previous_agents(self, customer: str, exclude: int) -> tuple[str, ...]:
+        return previous_agents(await self.customer_agents(customer, (exclude,)))
+
+    async def customer_agents(self, customer: str, excluding: Collection[int]) -> dict[str, int]:
+        """Every agent owning one of ``customer``'s tickets (``excluding`` those), with the newest one's number."""
+        marks = ",".join("?" * len(excluding))
         rows = await self.fetchall(
-            "SELECT agent FROM tickets WHERE customer = ? AND number != ? AND agent IS NOT NULL "
-            "GROUP BY agent ORDER BY max(number) DESC", (customer, exclude))
-        return tuple(r[0] for r in rows)
+            f"SELECT agent, max(number) FROM tickets WHERE customer = ? AND number NOT IN ({marks}) "
+            "AND agent IS NOT NULL GROUP BY agent", (customer, *excluding))
+        return {r[0]: r[1] for r in rows}
 
     async def plugin_state_get(self, plugin: str, key: str) -> Any | None:
         row = await self.fetchone("SELECT value FROM plugin_state WHERE plugin = ? AND key = ?", (plugin, key))
         return json.loads(row[0]) if row else None
 
     async def plugin_state_set(self, plugin: str, key: str, value: Any) -> None:
-        encoded = json.dumps(value, sort_keys=True)
+        await self.transact(lambda tx: plugin_state_write(tx, plugin, key, value))
 
-        async def write(tx: Tx) -> None:
-            await tx.execute(
-                "INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value", (plugin, key, encoded))
-        await self.transact(write)
+
+def previous_agents(latest: dict[str, int]) -> tuple[str, ...]:
+    """Agents ordered by their newest ticket, newest first (the order ``customer_previous_agents`` promises)."""
+    return tuple(sorted(latest, key=lambda agent: latest[agent], reverse=True))

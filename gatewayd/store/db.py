@@ -7,6 +7,11 @@ SMTP transactions. Each job runs in its own SAVEPOINT, so one failing job
 rolls back alone. A job that has been queued runs to completion even if the
 caller is cancelled (a client hanging up mid-DATA): it is committed whole or
 not at all, never half.
+
+A worker that has many independent writes at hand (the router's batch, the
+outbox's delivery results) hands them over together with
+:meth:`Database.transact_each`: one job, so one commit, with each part in a
+SAVEPOINT of its own, so one failing part still rolls back alone.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ class Tx:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        """False once SQLite has aborted the whole transaction (SQLITE_FULL, an I/O error)."""
+        return self._db.in_transaction
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Runs a statement; returns the last inserted rowid."""
@@ -166,6 +176,35 @@ class Database:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(work, future))
         return await asyncio.shield(future)
+
+    async def transact_each(self, parts: Sequence[Callable[[Tx], Awaitable[Any]]]) -> list[Any]:
+        """Runs ``parts`` in order in one job of the next group commit; each part's result or exception, in order.
+
+        Each part runs in its own SAVEPOINT: one that raises is rolled back alone
+        and its exception (sqlite3 errors mapped to :class:`StoreError`) takes its
+        place in the list, while the others still commit. Raises
+        :class:`StoreError` when nothing could be committed at all.
+        """
+        if not parts:
+            return []
+
+        async def each(tx: Tx) -> list[Any]:
+            outcomes: list[Any] = []
+            for part in parts:
+                await tx.execute("SAVEPOINT part")
+                try:
+                    result = await part(tx)
+                except Exception as exc:
+                    if not tx.in_transaction:
+                        raise
+                    await tx.execute("ROLLBACK TO part")
+                    await tx.execute("RELEASE part")
+                    outcomes.append(map_error(exc) if isinstance(exc, sqlite3.Error) else exc)
+                else:
+                    await tx.execute("RELEASE part")
+                    outcomes.append(result)
+            return outcomes
+        return await self.transact(each)
 
     async def _commit_loop(self) -> None:
         while True:

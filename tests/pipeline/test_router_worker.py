@@ -11,13 +11,13 @@ from tests.support.smtp import message, send_message
 
 async def test_a_work_item_that_keeps_failing_is_set_aside_and_the_rest_flows(gateway, sink, monkeypatch):
     monkeypatch.setattr(router_module, "_RETRY_AFTER_ERROR", 0.05)
-    original = Router.route
+    original = Router.plan_route
 
-    async def poisoned(self, item):
+    async def poisoned(self, item, view):
         if item.ticket == 1000:
             raise RecursionError("maximum recursion depth exceeded")
-        await original(self, item)
-    monkeypatch.setattr(Router, "route", poisoned)
+        return await original(self, item, view)
+    monkeypatch.setattr(Router, "plan_route", poisoned)
 
     await send_message(gateway.smtp_port, message("poison", message_id="<p@customer.test>"))
     await send_message(gateway.smtp_port, message("healthy", message_id="<h@customer.test>"))

@@ -284,6 +284,52 @@ class TestGroupCommit:
         db.close()
 
 
+class TestTransactEach:
+    async def test_many_parts_commit_once_each_rolling_back_alone(self, store: Store) -> None:
+        async def doomed(tx: Tx) -> None:
+            await insert_probe(tx, "doomed")
+            raise LookupError("this part changed its mind")
+
+        async def bad_sql(tx: Tx) -> None:
+            await insert_probe(tx, "doomed too")
+            await tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+        commits = store.stats.commits
+        outcomes = await store.transact_each([lambda tx: insert_probe(tx, "a"), doomed,
+                                              lambda tx: insert_probe(tx, "b"), bad_sql,
+                                              lambda tx: insert_probe(tx, "c")])
+        assert store.stats.commits == commits + 1
+        assert isinstance(outcomes[1], LookupError) and isinstance(outcomes[3], StoreUnavailable)
+        assert all(isinstance(outcomes[n], int) for n in (0, 2, 4))
+        assert await probe_labels(store) == ["a", "b", "c"]
+
+    async def test_later_parts_see_earlier_ones(self, store: Store) -> None:
+        async def count_then_insert(tx: Tx) -> int:
+            row = await tx.fetchone("SELECT count(*) FROM events WHERE kind = 'probe'")
+            await insert_probe(tx, "x")
+            return row[0]
+
+        assert await store.transact_each([count_then_insert] * 5) == [0, 1, 2, 3, 4]
+
+    async def test_a_part_that_aborts_the_transaction_fails_them_all(self, store: Store) -> None:
+        """SQLITE_FULL may abort the whole transaction: then nothing is reported committed."""
+        await store.transact(lambda tx: insert_probe(tx, "warm-up"))
+        (pages,) = await store.transact(lambda tx: tx.fetchone("PRAGMA page_count"))
+        await store.transact(lambda tx: tx.fetchone(f"PRAGMA max_page_count = {pages}"))
+
+        async def big_row(tx: Tx) -> None:
+            await tx.execute("INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, 0, 'big', NULL, ?)",
+                             ("x" * 200_000,))
+
+        try:
+            outcomes = await store.transact_each([lambda tx: insert_probe(tx, "before"), big_row])
+        except StoreFull:
+            assert await probe_labels(store) == ["warm-up"]
+        else:
+            assert isinstance(outcomes[1], StoreFull)
+            assert await probe_labels(store) == ["warm-up", "before"]
+
+
 # --------------------------------------------------------------------------- store full
 
 

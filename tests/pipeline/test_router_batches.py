@@ -1,0 +1,152 @@
+"""The router decides work items one by one but commits a whole batch at once, as if one by one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from gatewayd import router as router_module
+from gatewayd.errors import StoreUnavailable
+from gatewayd.router import Router
+from tests.autoreply.conftest import autoreply_yaml
+from tests.support.smtp import message, send_message
+
+
+async def paused(gw) -> Router:
+    """Stops the daemon's own workers and returns a router the test drives by hand.
+
+    Mail sent meanwhile queues up as work, so one ``work_through`` sees it all as one batch.
+    """
+    gw.daemon.router.stop()
+    gw.daemon.sla.stop()
+    await gw.daemon.outbox.stop(0)
+    await asyncio.sleep(0.1)
+    daemon = gw.daemon
+    return Router(daemon.config, gw.store, daemon.router.ids, daemon.router.chain, daemon.metrics)
+
+
+async def send(gw, count: int, **kwargs) -> None:
+    for n in range(count):
+        [reply] = await send_message(gw.smtp_port, message(f"Help {n}", message_id=f"<b{n}@customer.test>"),
+                                     **kwargs)
+        assert reply.code == 250, reply
+
+
+async def forwards(gw) -> list[tuple[int, str | None]]:
+    items = await gw.store.outbox(states=("pending",))
+    return [(i.ticket, i.agent) for i in items if i.kind == "forward"]
+
+
+async def test_a_batch_of_routes_and_receipts_commits_once(gateway_factory, monkeypatch):
+    monkeypatch.setattr(router_module, "_BATCH_SECONDS", 60.0)
+    gw = await gateway_factory(extra=autoreply_yaml())
+    router = await paused(gw)
+    await send(gw, 10)
+    assert len(await gw.store.pending_work()) == 20, "a route and a receipt per message"
+    commits = gw.store.stats.commits
+
+    await router.work_through()
+
+    assert gw.store.stats.commits == commits + 1
+    assert await gw.store.pending_work() == []
+    assert len(await forwards(gw)) == 10
+    receipts = [i for i in await gw.store.outbox(states=("pending",)) if i.kind == "receipt"]
+    assert len(receipts) == 3, "the per-sender limit (3) counts the receipts queued earlier in the same batch"
+
+
+async def test_round_robin_stays_fair_across_a_batch_and_its_position_is_saved(gateway):
+    router = await paused(gateway)
+    await send(gateway, 9)
+    await router.work_through()
+
+    agents = [agent for _, agent in sorted(await forwards(gateway))]
+    assert agents == ["alice", "bob"] * 4 + ["alice"]
+    assert await gateway.store.plugin_state_get("round_robin", "last:support") == "alice"
+    await send_message(gateway.smtp_port, message("next", message_id="<next@customer.test>"))
+    await router.work_through()
+    assert sorted(await forwards(gateway))[-1][1] == "bob", "the next batch continues the rotation"
+
+
+async def test_later_items_see_the_loads_of_earlier_ones(gateway_factory):
+    gw = await gateway_factory(routing="  - plugin: least_loaded\n")
+    router = await paused(gw)
+    await send(gw, 6)
+    await router.work_through()
+    assert Counter(agent for _, agent in await forwards(gw)) == {"alice": 3, "bob": 3}
+
+
+async def test_a_follow_up_in_the_same_batch_stays_with_the_owner_just_decided(gateway):
+    router = await paused(gateway)
+    await send_message(gateway.smtp_port, message("Printer on fire", message_id="<first@customer.test>"))
+    await send_message(gateway.smtp_port, message("Re: [SUP-1000] Printer on fire", message_id="<second@customer.test>",
+                                                  extra="In-Reply-To: <first@customer.test>\r\n"))
+    await router.work_through()
+
+    assert await forwards(gateway) == [(1000, "alice"), (1000, "alice")]
+    [_, followup] = [e for e in await gateway.store.events(1000) if e.kind == "routed"]
+    assert followup.detail["summary"] == "owner -> alice"
+
+
+async def test_a_returning_customer_in_the_same_batch_goes_to_the_agent_just_picked(gateway_factory):
+    gw = await gateway_factory(routing="  - plugin: sticky\n  - plugin: round_robin\n")
+    router = await paused(gw)
+    await send(gw, 2)
+    await router.work_through()
+    assert await forwards(gw) == [(1000, "alice"), (1001, "alice")]
+    [routed] = [e for e in await gw.store.events(1001) if e.kind == "routed"]
+    assert routed.detail["trace"][0]["reason"] == "returning customer; previous agent alice"
+
+
+async def test_an_item_failing_at_commit_rolls_back_alone(gateway, monkeypatch):
+    monkeypatch.setattr(router_module, "_RETRY_AFTER_ERROR", 0.0)
+    original = router_module.enqueue
+
+    async def enqueue(tx, **fields):
+        if fields["ticket"] == 1001:
+            raise ValueError("cannot enqueue this one")
+        return await original(tx, **fields)
+    monkeypatch.setattr(router_module, "enqueue", enqueue)
+    router = await paused(gateway)
+    await send(gateway, 3)
+    commits = gateway.store.stats.commits
+
+    await router.work_through()
+    assert gateway.store.stats.commits == commits + 1
+    assert [t for t, _ in await forwards(gateway)] == [1000, 1002]
+    assert [w.ticket for w in await gateway.store.pending_work()] == [1001]
+    assert (await gateway.store.ticket(1001)).agent is None, "its owner change was rolled back with it"
+
+    for _ in range(2):
+        await router.work_through()
+    [failed] = [e for e in await gateway.store.events(1001) if e.kind == "work_failed"]
+    assert "cannot enqueue this one" in failed.detail["error"]
+    assert await gateway.store.pending_work() == []
+
+
+async def test_a_batch_the_store_cannot_commit_is_decided_again_from_scratch(gateway, monkeypatch):
+    """Nothing of a batch that was not committed survives: not its routes, not the round-robin position."""
+    monkeypatch.setattr(router_module, "_RETRY_AFTER_ERROR", 0.0)
+    router = await paused(gateway)
+    await send(gateway, 3)
+    original = gateway.store.transact_each
+
+    async def unavailable(parts):
+        raise StoreUnavailable("disk went away")
+    monkeypatch.setattr(gateway.store, "transact_each", unavailable)
+    await router.work_through()
+    assert len(await gateway.store.pending_work()) == 3
+    assert await gateway.store.plugin_state_get("round_robin", "last:support") is None
+
+    monkeypatch.setattr(gateway.store, "transact_each", original)
+    await router.work_through()
+    assert await forwards(gateway) == [(1000, "alice"), (1001, "bob"), (1002, "alice")]
+
+
+async def test_a_long_queue_is_worked_through_in_a_few_batches(gateway):
+    router = await paused(gateway)
+    await send(gateway, 100)
+    commits = gateway.store.stats.commits
+    while await router.work_through():
+        pass
+    assert len(await forwards(gateway)) == 100
+    assert gateway.store.stats.commits - commits <= 20
