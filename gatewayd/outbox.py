@@ -7,6 +7,13 @@ Items are rows in the store; the worker sends what is due through the relay,
 list``) with the relay's reply, and every outcome is an event on the ticket.
 After a crash, anything not recorded as sent is sent again with the same
 Message-ID, so a duplicate at the agent's mailbox is recognisable.
+
+Messages go over the relay sessions :class:`~gatewayd.relay.Relay` keeps open.
+Results are recorded by one recorder, many per transaction: while other
+deliveries are in flight a result waits up to :data:`_RECORD_WINDOW` for
+company, so a burst costs a few commits instead of one per message. A result
+the store cannot take (store full) stays in ``_unrecorded``: the item is held
+back one retry interval and then only recorded, never sent again.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from .dkim import Signer
 from .ids import TicketIds
 from .metrics import Metrics
 from .outgoing import enqueue
-from .relay import SendResult, send
+from .relay import Relay, SendResult
 from .reoffer import reoffer
 from .store import OutboxItem, Store, Tx, add_event
 from .webhook import post as post_webhook
@@ -34,6 +41,10 @@ _IDLE_POLL = 5.0
 # Forwards above this size are assembled in a worker thread: copying a 32 MB
 # message must not pause the SMTP sessions sharing the loop.
 _INLINE_ASSEMBLY = 256 * 1024
+# A delivery result waits this long for others to share its commit, but only while
+# more deliveries are in flight: alone, it is recorded at once.
+_RECORD_WINDOW = 0.01
+_RECORD_BATCH = 128
 
 
 class Outbox:
@@ -48,7 +59,13 @@ class Outbox:
         self._slots = asyncio.Semaphore(config.relay.concurrency)
         self._stopping = False
         self._held: dict[int, float] = {}
+        # Items whose delivery ended while a scan of due items was running: that scan
+        # may have read them as still pending, and must not start them again.
+        self._settled: set[int] = set()
         self._unrecorded: dict[int, SendResult] = {}
+        self._results: list[tuple[OutboxItem, SendResult, asyncio.Future[None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._relay = Relay(config.relay, config.hostname)
         self._ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
         self._signer = Signer.from_config(config.dkim) if config.dkim else None
 
@@ -81,6 +98,9 @@ class Outbox:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._recorder is not None:
+            await asyncio.wait({self._recorder})
+        await self._relay.close()
 
     async def _launch_due(self) -> None:
         free = self.config.relay.concurrency * 4 - len(self._inflight)
@@ -88,8 +108,9 @@ class Outbox:
             return
         now = self.clock()
         self._held = {item: until for item, until in self._held.items() if until > now}
+        self._settled.clear()
         for item in await self.store.due_outbox(now, free + len(self._inflight) + len(self._held)):
-            if item.id in self._inflight or item.id in self._held or self._stopping:
+            if item.id in self._inflight or item.id in self._held or item.id in self._settled or self._stopping:
                 continue
             task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"deliver-{item.id}")
             self._inflight[item.id] = task
@@ -112,11 +133,10 @@ class Outbox:
                     result = await self._attempt(item)
                     self.metrics.delivery_attempt(item.kind, result.outcome)
                     self._unrecorded[item.id] = result
-                await self.store.transact(lambda tx: self._record(tx, item, result))
-                del self._unrecorded[item.id]
-                log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
-                         item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome,
-                         result.reply)
+            await self._recorded(item, result)
+            del self._unrecorded[item.id]
+            log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
+                     item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome, result.reply)
         except Exception:
             # Held back for one retry interval: an attempt that cannot be recorded
             # (store full) is not repeated in a tight loop, and one the relay took is
@@ -126,7 +146,36 @@ class Outbox:
                           item.id, self.config.relay.retry.first)
         finally:
             self._inflight.pop(item.id, None)
+            self._settled.add(item.id)
             self._wake.set()
+
+    async def _recorded(self, item: OutboxItem, result: SendResult) -> None:
+        """Returns once the result is committed (raising if it could not be); the recorder batches them."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._results.append((item, result, future))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = loop.create_task(self._record_results(), name="outbox-recorder")
+        await future
+
+    async def _record_results(self) -> None:
+        while self._results:
+            if not self._stopping and len(self._results) < len(self._inflight):
+                await asyncio.sleep(_RECORD_WINDOW)
+            batch, self._results = self._results[:_RECORD_BATCH], self._results[_RECORD_BATCH:]
+            parts = [lambda tx, item=item, result=result: self._record(tx, item, result)
+                     for item, result, _ in batch]
+            try:
+                outcomes = await self.store.transact_each(parts)
+            except Exception as exc:
+                outcomes = [exc] * len(batch)
+            for (_, _, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(None)
 
     async def _attempt(self, item: OutboxItem) -> SendResult:
         head, raw = await self.store.outbox_parts(item.id)
@@ -142,7 +191,7 @@ class Outbox:
             content = await asyncio.to_thread(self._signer.sign, content)
         if item.kind == "webhook":
             return await post_webhook(item.rcpt, content, self.config.relay.timeout)
-        return await send(self.config.relay, self.config.hostname, item.mail_from, item.rcpt, content)
+        return await self._relay.send(item.mail_from, item.rcpt, content)
 
     async def _record(self, tx: Tx, item: OutboxItem, result: SendResult) -> None:
         now = self.clock()

@@ -181,3 +181,58 @@ class TestNeverSilentlyDropped:
         await wait_until(lambda: _state_is(gateway.store, "sent"))
         await asyncio.sleep(0.5)
         assert len(sink.received) == 1
+
+
+class TestBookkeeping:
+    async def test_a_burst_of_results_is_recorded_in_a_few_transactions(self, gateway, sink, monkeypatch):
+        from gatewayd.outbox import Outbox
+
+        await gateway.daemon.outbox.stop(0)
+        for n in range(20):
+            await send_message(gateway.smtp_port, message(f"burst {n}", message_id=f"<burst{n}@customer.test>"))
+
+        async def routed() -> bool:
+            return not await gateway.store.pending_work(limit=1)
+        await wait_until(routed)
+        transactions: list[object] = []
+        record = Outbox._record
+
+        async def counted(self, tx, item, result):
+            if tx not in transactions:
+                transactions.append(tx)
+            await record(self, tx, item, result)
+        monkeypatch.setattr(Outbox, "_record", counted)
+        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
+        task = asyncio.create_task(outbox.run())
+        try:
+            await sink.wait_for(20)
+            await wait_until(lambda: _all_in_state(gateway.store, "sent", 20))
+        finally:
+            await outbox.stop(5)
+            task.cancel()
+        assert len(transactions) <= 6, f"20 results in {len(transactions)} transactions"
+        kinds = [e.kind for n in range(1000, 1020) for e in await gateway.store.events(n)]
+        assert kinds.count("delivered") == 20, "still one event per outcome"
+
+    async def test_a_scan_that_read_an_item_before_its_delivery_was_recorded_does_not_send_it_again(
+            self, gateway, sink, monkeypatch):
+        """Deliveries end while the next scan is still reading: its stale rows must not start them twice."""
+        due_outbox = gateway.store.due_outbox
+
+        async def slow_scan(now, limit):
+            rows = await due_outbox(now, limit)
+            await asyncio.sleep(0.2)
+            return rows
+        monkeypatch.setattr(gateway.store, "due_outbox", slow_scan)
+        for n in range(6):
+            await send_message(gateway.smtp_port, message(f"scan {n}", message_id=f"<scan{n}@customer.test>"))
+        await wait_until(lambda: _all_in_state(gateway.store, "sent", 6))
+        await asyncio.sleep(1.0)
+        assert len(sink.received) == 6
+        delivered = [e for n in range(1000, 1006) for e in await gateway.store.events(n) if e.kind == "delivered"]
+        assert len(delivered) == 6
+
+
+async def _all_in_state(store: Store, state: str, count: int) -> bool:
+    items = await store.outbox(states=("pending", "failed", "sent"))
+    return len(items) == count and all(i.state == state for i in items)

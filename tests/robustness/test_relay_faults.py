@@ -9,6 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from gatewayd import relay as relay_module
+from gatewayd.config import Endpoint, RelayConfig
+from gatewayd.relay import Relay
 from gatewayd.store import OutboxItem, Store
 from tests.support.gateway import free_port
 from tests.support.probe import Bystander
@@ -173,3 +176,105 @@ class TestSlowRelay:
 
 async def _state(store: Store, state: str) -> bool:
     return (await forward(store)).state == state
+
+
+class DroppingRelay(ScriptedRelay):
+    """A scripted relay that can hang up on every open session, as an MTA does to idle clients."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.open: set[asyncio.StreamWriter] = set()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open.add(writer)
+        try:
+            await super()._session(reader, writer)
+        finally:
+            self.open.discard(writer)
+
+    async def drop(self) -> None:
+        for writer in list(self.open):
+            writer.close()
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def dropping() -> DroppingRelay:
+    scripted = DroppingRelay(free_port())
+    await scripted.start()
+    yield scripted
+    await scripted.stop()
+
+
+async def delivered(relay: ScriptedRelay, count: int) -> None:
+    async def arrived() -> bool:
+        return len(relay.delivered) >= count
+    await wait_until(arrived)
+
+
+class TestSessionReuse:
+    async def test_one_session_carries_consecutive_messages(self, gateway_factory, dropping):
+        gw = await gateway_factory(relay_port=dropping.port)
+        for n in range(4):
+            await send_message(gw.smtp_port, message(f"reuse {n}", message_id=f"<r{n}@c.test>"))
+            await delivered(dropping, n + 1)
+        assert dropping.sessions == 1
+
+    async def test_a_session_the_relay_dropped_is_replaced_without_costing_an_attempt(self, gateway_factory,
+                                                                                       dropping):
+        gw = await gateway_factory(relay_port=dropping.port)
+        await send_message(gw.smtp_port, message("first", message_id="<d1@c.test>"))
+        await delivered(dropping, 1)
+        await dropping.drop()
+        await send_message(gw.smtp_port, message("second", message_id="<d2@c.test>"))
+        await delivered(dropping, 2)
+        assert dropping.sessions == 2
+        await wait_until(lambda: _all_sent(gw.store))
+        assert all(i.attempts == 1 for i in await gw.store.outbox(states=("sent",)))
+
+    async def test_sessions_are_closed_when_idle_and_at_shutdown(self, dropping):
+        config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0, concurrency=2)
+        pool = Relay(config, "gw.example.test", idle_seconds=0.3)
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")).sent
+        assert pool.idle_sessions == 1 and len(dropping.open) == 1
+        await asyncio.sleep(0.6)
+        assert pool.idle_sessions == 0 and not dropping.open, "closed after idle_seconds"
+
+        results = await asyncio.gather(*(pool.send("a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")
+                                         for _ in range(3)))
+        assert all(r.sent for r in results)
+        assert pool.idle_sessions == 2, "never more than relay.concurrency kept"
+        await pool.close()
+        await asyncio.sleep(0.1)
+        assert not dropping.open
+
+    async def test_a_refusal_ends_the_session(self, dropping):
+        dropping.script = Script(answers={"rcpt": "550 5.1.1 no such user"})
+        config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
+        result, session = await asyncio.to_thread(relay_module.deliver, None, config, "gw.example.test",
+                                                  "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+        assert result == relay_module.SendResult("failed", "550 5.1.1 no such user") and session is None
+        await wait_until(lambda: _no_session_open(dropping))
+
+    async def test_a_drop_noticed_only_at_mail_is_retried_on_a_new_session(self, dropping, monkeypatch):
+        """The relay may hang up just after the idle check: MAIL then fails, and a new session takes the message."""
+        config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
+        first, session = await asyncio.to_thread(relay_module.deliver, None, config, "gw.example.test",
+                                                 "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+        assert first.sent and session is not None
+        await dropping.drop()
+        monkeypatch.setattr(relay_module, "_idle_and_open", lambda client: True)
+        second, again = await asyncio.to_thread(relay_module.deliver, session, config, "gw.example.test",
+                                                "a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")
+        assert second.sent and again is not None and again is not session
+        assert dropping.sessions == 2 and len(dropping.delivered) == 2
+        await asyncio.to_thread(relay_module.close_session, again)
+
+
+async def _all_sent(store: Store) -> bool:
+    items = await store.outbox(states=("pending", "failed", "sent"))
+    return len(items) == 2 and all(i.state == "sent" for i in items)
+
+
+async def _no_session_open(relay: DroppingRelay) -> bool:
+    return not relay.open
