@@ -17,7 +17,8 @@ import asyncio
 import base64
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,9 @@ SIGNED_HEADERS = ("from", "to", "cc", "reply-to", "subject", "date", "message-id
                   "auto-submitted", "x-auto-response-suppress", "x-gatewayd-ticket")
 _SIGNED_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+
+_VERIFY_THREADS = 16
+_CACHE_ENTRIES = 10_000
 
 
 class DnsTemporaryError(Exception):
@@ -270,6 +274,11 @@ class Verifier:
     dnsfunc: DnsFunc
     timeout: float
     deadline: float | None = None
+    # Threads of its own: sessions waiting on DNS must not queue behind relay
+    # sends or plugin hooks in the loop's default pool, nor hold them up.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(_VERIFY_THREADS, thread_name_prefix="gatewayd-verify"),
+        compare=False, repr=False)
 
     @classmethod
     def from_config(cls, dns: "DnsConfig") -> "Verifier":
@@ -283,7 +292,8 @@ class Verifier:
             verdict = verify_blocking(message, self.dnsfunc, self.timeout) if signed else Verdict()
             return replace(verdict, dmarc=evaluate_dmarc(message, verdict.pass_domains, self.dnsfunc, self.timeout))
         try:
-            return await asyncio.wait_for(asyncio.to_thread(run), self.deadline or 3 * self.timeout + 1)
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, run),
+                                          self.deadline or 3 * self.timeout + 1)
         except asyncio.TimeoutError:
             return Verdict((), "temperror" if signed else "none", "verification timed out" if signed else "",
                            DmarcResult("temperror", from_domain(message), None, "verification timed out"))
@@ -302,6 +312,10 @@ def resolver_dnsfunc(config: "DnsConfig") -> DnsFunc:
         resolver = dns.resolver.Resolver()
     resolver.lifetime = config.timeout
     resolver.timeout = config.timeout
+    # Every message from a domain asks for the same _dmarc (and often the same
+    # key) record; answers and NXDOMAINs are kept for their TTL (the SOA
+    # minimum for negative answers), as a caching resolver would.
+    resolver.cache = dns.resolver.LRUCache(_CACHE_ENTRIES)
 
     def lookup(name: bytes, timeout: float = config.timeout) -> bytes | None:
         try:

@@ -67,6 +67,8 @@ class DnsStub(asyncio.DatagramProtocol):
     records: dict[str, str] = field(default_factory=dict)
     queries: list[str] = field(default_factory=list)
     transport: Any = None
+    negative_ttl: int = 0
+    """The SOA minimum sent with NXDOMAIN, as a real zone does; 0 lets nobody cache it."""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -84,6 +86,9 @@ class DnsStub(asyncio.DatagramProtocol):
                                                        chunks))
         else:
             response.set_rcode(dns.rcode.NXDOMAIN)
+            response.authority.append(dns.rrset.from_text(
+                question.name.parent(), self.negative_ttl, dns.rdataclass.IN, dns.rdatatype.SOA,
+                f"ns.test. hostmaster.test. 1 3600 600 86400 {self.negative_ttl}"))
         self.transport.sendto(response.to_wire(), addr)
 
 

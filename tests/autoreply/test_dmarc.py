@@ -176,6 +176,21 @@ class TestEndToEnd:
         assert "dkim=pass header.d=other.test" in ours
         assert ours.endswith("dmarc=fail (p=reject no aligned DKIM signature) header.from=customer.test")
 
+    async def test_answers_are_cached_for_their_ttl(self, gateway_factory, dns_stub) -> None:
+        """Every message from a domain needs the same records: one lookup each, not one per message."""
+        stub, port = dns_stub
+        stub.negative_ttl = 300
+        stub.records[DMARC_RECORD] = "v=DMARC1; p=none"
+        gw = await gateway_factory(extra=dns_yaml(port))
+        for n in range(3):
+            [reply] = await send_message(gw.smtp_port, message(subject=f"cached {n}", message_id=f"<c{n}@c.test>"))
+            assert reply.code == 250
+        other = message("other domain", sender="dave@elsewhere.test", message_id="<o@elsewhere.test>")
+        for _ in range(2):
+            [reply] = await send_message(gw.smtp_port, other)
+            assert reply.code == 250
+        assert sorted(stub.queries) == ["_dmarc.customer.test.", "_dmarc.elsewhere.test."]
+
     async def test_p_none_fail_is_accepted_under_reject(self, gateway_factory, dns_stub) -> None:
         stub, port = dns_stub
         stub.records[DMARC_RECORD] = "v=DMARC1; p=none"

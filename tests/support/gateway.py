@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import textwrap
 from pathlib import Path
 
 from gatewayd import config as config_module
 from gatewayd.config import Config
+from tests.support.resolver import loopback_resolver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +29,9 @@ def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, m
         if lmtp_socket else ""
     smtp_tls = f', tls: {{cert_file: "{tls[0]}", key_file: "{tls[1]}"}}' if tls else ""
     metrics = f'metrics: {{address: "127.0.0.1:{metrics_port}"}}\n' if metrics_port else ""
+    if not re.search(r"^dns:", extra, re.MULTILINE):
+        extra += ("\n" if extra and not extra.endswith("\n") else "") + f'dns: {{resolver: "127.0.0.1:{loopback_resolver()}", timeout: 1s}}\n'
+
     return textwrap.dedent(f"""\
         hostname: gw.example.test
         listeners:
