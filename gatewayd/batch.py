@@ -11,13 +11,18 @@ the earlier ones were already committed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .store import AgentState, Store, TicketRecord, Tx, plugin_state_write, previous_agents
+from .store import (AgentState, Inbound, Part, Store, TicketRecord, WorkItem, Writes, plugin_state_statement,
+                    previous_agents)
+
+# Messages up to this size are read with their batch; a bigger one is read when its item is decided.
+PREFETCH_SIZE = 256 * 1024
 
 
 def _nothing_enqueued(result: Any) -> bool:
@@ -28,12 +33,22 @@ def _nothing_enqueued(result: Any) -> bool:
 class Planned:
     """One work item's writes, committed with the rest of its batch, and what follows once they are durable.
 
-    ``after`` gets the result of ``write`` and answers whether something went
-    into the outbox (the worker then wakes the outbox once for the batch).
+    ``write`` is plain :class:`~gatewayd.store.Writes` when the item needs no
+    reads inside the transaction (the cheap, common case), else a job. ``after``
+    gets its result and answers whether something went into the outbox (the
+    worker then wakes the outbox once for the batch).
     """
 
-    write: Callable[[Tx], Awaitable[Any]]
+    write: Part
     after: Callable[[Any], bool] = _nothing_enqueued
+
+
+async def commit_alone(store: Store, planned: Planned) -> Any:
+    """Commits one planned item on its own and returns its result (raising its error)."""
+    [outcome] = await store.transact_each([planned.write])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 class CachedPluginState:
@@ -58,38 +73,75 @@ class CachedPluginState:
         self._values[(plugin, key)] = _copy(value)
         self._dirty.add((plugin, key))
 
-    def write_back(self) -> Callable[[Tx], Awaitable[None]] | None:
+    def write_back(self) -> Writes | None:
         """The write of every value set since the last write-back (None when there is none)."""
         if not self._dirty:
             return None
-        changed = {slot: self._values[slot] for slot in sorted(self._dirty)}
+        changed = tuple(plugin_state_statement(plugin, key, self._values[(plugin, key)])
+                        for plugin, key in sorted(self._dirty))
         self._dirty.clear()
-
-        async def write(tx: Tx) -> None:
-            for (plugin, key), value in changed.items():
-                await plugin_state_write(tx, plugin, key, value)
-        return write
+        return Writes(changed)
 
 
 class BatchView:
-    """The committed store plus the decisions of the batch in progress."""
+    """The committed store plus the decisions of the batch in progress.
+
+    :meth:`prefetch` reads what the batch's items need in a handful of queries
+    (tickets, messages, first messages, lapses, the customers' agents, agent
+    loads) instead of several round trips per item; whatever it did not read is
+    read when asked for.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.plugin_state = CachedPluginState(store)
+        self.parsed: dict[int, Any] = {}
+        self._decided: dict[int, TicketRecord] = {}
         self._tickets: dict[int, TicketRecord] = {}
-        self._states: dict[str, AgentState] | None = None
+        self._inbound: dict[int, Inbound] = {}
         self._first: dict[int, int | None] = {}
+        self._lapsed: dict[int, tuple[str, ...]] = {}
+        self._batch: frozenset[int] = frozenset()
+        self._customers: dict[str, dict[str, int]] = {}
+        self._states: dict[str, AgentState] | None = None
+
+    async def prefetch(self, items: Sequence[WorkItem]) -> None:
+        tickets = frozenset(item.ticket for item in items)
+        messages = {item.message for item in items if item.message is not None}
+        store = self.store
+        found, inbound, first, lapsed, states = await asyncio.gather(
+            store.tickets_by_number(tickets), store.inbounds(messages, max_size=PREFETCH_SIZE),
+            store.first_messages(tickets), store.lapsed_agents(tickets), store.agent_states())
+        self._tickets, self._inbound, self._states = found, inbound, dict(states)
+        self._first = {ticket: first.get(ticket) for ticket in tickets}
+        self._lapsed = {ticket: lapsed.get(ticket, ()) for ticket in tickets}
+        self._customers = await store.customers_agents({t.customer for t in found.values()}, tickets)
+        self._batch = tickets
+
+    def inbound_prefetched(self) -> list[Inbound]:
+        return list(self._inbound.values())
 
     async def ticket(self, number: int) -> TicketRecord | None:
+        if number in self._decided:
+            return self._decided[number]
         if number in self._tickets:
             return self._tickets[number]
         return await self.store.ticket(number)
+
+    async def inbound(self, message: int) -> Inbound | None:
+        if message in self._inbound:
+            return self._inbound[message]
+        return await self.store.inbound(message)
 
     async def first_message(self, ticket: int) -> int | None:
         if ticket not in self._first:
             self._first[ticket] = await self.store.first_message(ticket)
         return self._first[ticket]
+
+    async def lapsed_agents(self, ticket: int) -> tuple[str, ...]:
+        if ticket not in self._lapsed:
+            self._lapsed[ticket] = (await self.store.lapsed_agents((ticket,))).get(ticket, ())
+        return self._lapsed[ticket]
 
     async def agent_states(self) -> dict[str, AgentState]:
         """Read once per batch (a snapshot, as every routing run's was), then kept current by :meth:`assign`."""
@@ -98,10 +150,15 @@ class BatchView:
         return dict(self._states)
 
     async def customer_previous_agents(self, customer: str, exclude: int) -> tuple[str, ...]:
-        mine = {n: t for n, t in self._tickets.items() if t.customer == customer and n != exclude}
-        latest = await self.store.customer_agents(customer, (exclude, *mine))
-        for number, ticket in mine.items():
-            if ticket.agent is not None:
+        if exclude in self._batch and exclude in self._tickets:
+            # The prefetch read this customer's agents without the batch's tickets; add those as they are now.
+            latest, others = dict(self._customers.get(customer, {})), self._batch - {exclude}
+        else:
+            others = frozenset(n for n, t in self._decided.items() if t.customer == customer and n != exclude)
+            latest = await self.store.customer_agents(customer, (exclude, *others))
+        for number in others:
+            ticket = self._decided.get(number) or self._tickets.get(number)
+            if ticket is not None and ticket.customer == customer and ticket.agent is not None:
                 latest[ticket.agent] = max(latest.get(ticket.agent, number), number)
         return previous_agents(latest)
 
@@ -117,7 +174,7 @@ class BatchView:
             self._states = states
         if agent is not None and agent == ticket.agent:
             return
-        self._tickets[ticket.number] = dataclasses.replace(ticket, agent=agent, team=team, priority=priority,
+        self._decided[ticket.number] = dataclasses.replace(ticket, agent=agent, team=team, priority=priority,
                                                            updated_at=now)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from .autoreply import Decision, Policy, rate_limited, record
-from .batch import BatchView, Planned
+from .batch import BatchView, Planned, commit_alone
 from .business_hours import describe, expected_by
 from .config import Config
 from .dkim import Signer, Verdict
@@ -32,7 +32,8 @@ from .rawmessage import HeaderSummary
 from .receipt import ReceiptContext, build
 from .reply_address import reply_addresses
 from .outgoing import enqueue
-from .store import MessageRecord, Store, TicketRecord, Tx, WorkItem, add_event, work_done
+from .store import (MessageRecord, Statement, Store, TicketRecord, Tx, WorkItem, Writes, add_event, event_statement,
+                    work_done, work_done_statement)
 
 log = logging.getLogger("gatewayd.responder")
 
@@ -58,8 +59,7 @@ class Responder:
             # The store failing is not the receipt's fault: the item stays queued and is retried.
             raise
         except Exception as exc:
-            planned = self._failed(item, exc)
-            await self.store.transact(planned.write)
+            await commit_alone(self.store, self._failed(item, exc))
             return False
 
     async def plan(self, item: WorkItem, view: BatchView) -> Planned:
@@ -73,16 +73,12 @@ class Responder:
 
     async def _respond(self, item: WorkItem) -> bool:
         planned = await self._plan(item, BatchView(self.store))
-        return planned.after(await self.store.transact(planned.write))
+        return planned.after(await commit_alone(self.store, planned))
 
     def _failed(self, item: WorkItem, exc: Exception) -> Planned:
         log.error("receipt for ticket %s failed; the ticket itself is unaffected", item.ticket, exc_info=exc)
         detail = {"message": item.message, "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-        async def failed(tx: Tx) -> None:
-            await add_event(tx, item.ticket, "receipt_failed", detail)
-            await work_done(tx, item.id)
-        return Planned(failed)
+        return Planned(Writes((event_statement(item.ticket, "receipt_failed", detail), work_done_statement(item.id))))
 
     def _suppressed(self, item: WorkItem, kind: str, reason: str, ticket: int) -> Planned:
         def after(_: None) -> bool:
@@ -90,37 +86,37 @@ class Responder:
             if reason != "disabled":
                 log.info("receipt suppressed ticket=%s reason=%s", self.ids.ref(ticket), reason)
             return False
-        return Planned(lambda tx: self._suppress(tx, item, kind, reason), after)
+        return Planned(Writes(_suppression(item, kind, reason)), after)
 
     async def _plan(self, item: WorkItem, view: BatchView) -> Planned:
         ticket = await view.ticket(item.ticket)
-        inbound = await self.store.inbound(item.message) if item.message is not None else None
+        inbound = await view.inbound(item.message) if item.message is not None else None
         if ticket is None or inbound is None:
-            return Planned(lambda tx: work_done(tx, item.id))
+            return Planned(Writes((work_done_statement(item.id),)))
         if not self.config.autoreply.enabled or self.config.autoreply.templates is None:
             return self._suppressed(item, "receipt", "disabled", ticket.number)
         message, raw = inbound.record, inbound.raw
         verdict = Verdict.from_json(inbound.auth)
         followup = await view.first_message(ticket.number) != message.id
         kind = "followup" if followup else "receipt"
-        decision = await asyncio.to_thread(self.policy.decide, message.mail_from, raw, verdict)
-        if not decision.send:
-            return self._suppressed(item, kind, decision.reason, ticket.number)
-        assert decision.rcpt is not None
-        rcpt = decision.rcpt
         message_id = self.ids.message_id(ticket.number)
-        data = await asyncio.to_thread(self._compose, kind, ticket, message, raw, decision, message_id)
+        decision, data = await asyncio.to_thread(self._decide_and_compose, kind, ticket, message, raw, verdict,
+                                                 message_id)
+        if data is None or decision.rcpt is None:
+            return self._suppressed(item, kind, decision.reason, ticket.number)
+        rcpt, receipt = decision.rcpt, data
         now = self.clock()
         rate = self.config.autoreply.rate
 
         async def commit(tx: Tx) -> str | None:
             limited = await rate_limited(tx, rate, ticket.number, kind, rcpt, now)
             if limited:
-                await self._suppress(tx, item, kind, limited)
+                for statement in _suppression(item, kind, limited):
+                    await tx.execute(*statement)
                 return limited
             await record(tx, ticket.number, kind, rcpt, now)
             await enqueue(tx, kind="receipt", ticket=ticket.number, rcpt=rcpt, mail_from="",
-                          message_id=message_id, content=data, now=now)
+                          message_id=message_id, content=receipt, now=now)
             await add_event(tx, ticket.number, "receipt_queued", {
                 "message": message.id, "kind": kind, "rcpt": rcpt, "message_id": message_id,
                 "signed": self.signer is not None}, at=now)
@@ -137,10 +133,13 @@ class Responder:
             return True
         return Planned(commit, after)
 
-    async def _suppress(self, tx: Tx, item: WorkItem, kind: str, reason: str) -> None:
-        await add_event(tx, item.ticket, "autoreply_suppressed", {"message": item.message, "kind": kind,
-                                                                  "reason": reason})
-        await work_done(tx, item.id)
+    def _decide_and_compose(self, kind: str, ticket: TicketRecord, message: MessageRecord, raw: bytes,
+                            verdict: Verdict, message_id: str) -> tuple[Decision, bytes | None]:
+        """The policy's decision and, if it allows one, the signed receipt (None otherwise); blocking."""
+        decision = self.policy.decide(message.mail_from, raw, verdict)
+        if not decision.send:
+            return decision, None
+        return decision, self._compose(kind, ticket, message, raw, decision, message_id)
 
     def _compose(self, kind: str, ticket: TicketRecord, message: MessageRecord, raw: bytes, decision: Decision,
                  message_id: str) -> bytes:
@@ -166,3 +165,8 @@ class Responder:
         support = set(self.config.support.addresses)
         return next((r.lower() for r in message.rcpt_to if r.lower() in support), self.config.support.addresses[0])
 
+
+def _suppression(item: WorkItem, kind: str, reason: str) -> tuple[Statement, ...]:
+    return (event_statement(item.ticket, "autoreply_suppressed", {"message": item.message, "kind": kind,
+                                                                  "reason": reason}),
+            work_done_statement(item.id))

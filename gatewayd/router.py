@@ -38,11 +38,11 @@ from .ids import TicketIds
 from .message_view import message_view_from_bytes
 from .metrics import Metrics
 from .plugin import AgentView, MessageView, TicketView
-from .reoffer import lapsed_agents
 from .reply_address import reply_addresses
 from .responder import Responder
-from .outgoing import enqueue
-from .store import AgentState, Store, TicketRecord, Tx, WorkItem, add_event, work_done
+from .outgoing import enqueue_statement
+from .store import (AgentState, Inbound, Statement, Store, TicketRecord, WorkItem, Writes, event_statement,
+                    work_done_statement)
 
 log = logging.getLogger("gatewayd.router")
 
@@ -146,9 +146,9 @@ class Router:
         items = await self.store.pending_work(limit=_BATCH_ITEMS, excluding=tuple(self._held))
         if not items:
             return False
-        view = BatchView(self.store)
-        batch: list[tuple[WorkItem, Planned]] = []
         started = time.monotonic()
+        view = await self._prefetched(items)
+        batch: list[tuple[WorkItem, Planned]] = []
         for item in items:
             if self._stopping:
                 break
@@ -164,6 +164,31 @@ class Router:
                 break
         await self._commit(batch, view)
         return not self._stopping
+
+    async def _prefetched(self, items: list[WorkItem]) -> BatchView:
+        """A view of the store for ``items``, read in a few queries, their messages parsed in one trip to a thread."""
+        view = BatchView(self.store)
+        await view.prefetch(items)
+        routed = {item.message for item in items if item.kind not in self.handlers and item.kind != "receipt"}
+        inbound = [i for i in view.inbound_prefetched() if i.record.id in routed]
+
+        def parse_all() -> dict[int, MessageView | Exception]:
+            parsed: dict[int, MessageView | Exception] = {}
+            for one in inbound:
+                try:
+                    parsed[one.record.id] = self._parse(one)
+                except Exception as exc:
+                    parsed[one.record.id] = exc
+            return parsed
+        if inbound:
+            view.parsed.update(await asyncio.to_thread(parse_all))
+        return view
+
+    def _parse(self, inbound: Inbound) -> MessageView:
+        """The message as plugins see it, with the ``Authentication-Results`` intake recorded; blocking."""
+        record, results = inbound.record, inbound.authentication_results
+        seen = assemble(header("Authentication-Results", results), inbound.raw) if results else inbound.raw
+        return message_view_from_bytes(seen, record.mail_from, record.rcpt_to, max_depth=self.config.limits.mime_depth)
 
     async def _plan(self, item: WorkItem, view: BatchView) -> Planned | None:
         """Decides one item; None when it is held back (its failure counted) instead."""
@@ -245,11 +270,8 @@ class Router:
             return None
         detail = {"work": item.id, "kind": item.kind, "message": item.message,
                   "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-        async def give_up(tx: Tx) -> None:
-            await add_event(tx, item.ticket, "work_failed", detail, actor="gatewayd")
-            await work_done(tx, item.id)
-        return Planned(give_up)
+        return Planned(Writes((event_statement(item.ticket, "work_failed", detail, actor="gatewayd"),
+                               work_done_statement(item.id))))
 
     def stop(self) -> None:
         self._stopping = True
@@ -267,7 +289,7 @@ class Router:
             id=self.ids.ref(ticket.number), subject=ticket.subject, customer=ticket.customer,
             priority=ticket.priority, created_at=datetime.fromtimestamp(ticket.created_at, timezone.utc),
             team=ticket.team, agent=ticket.agent, is_followup=followup,
-            lapsed_agents=await lapsed_agents(self.store, ticket.number),
+            lapsed_agents=await view.lapsed_agents(ticket.number),
             customer_previous_agents=await view.customer_previous_agents(ticket.customer, ticket.number))
         result: RoutingResult = await self.chain.route(view_of_ticket, message, agents, view.plugin_state)
         if result.agent is not None:
@@ -278,14 +300,16 @@ class Router:
 
     async def plan_route(self, item: WorkItem, view: BatchView) -> Planned:
         ticket = await view.ticket(item.ticket)
-        inbound = await self.store.inbound(item.message) if item.message is not None else None
+        inbound = await view.inbound(item.message) if item.message is not None else None
         if ticket is None or inbound is None:
             log.error("work item %d names a missing ticket or message; marking it done", item.id)
-            return Planned(lambda tx: work_done(tx, item.id))
+            return Planned(Writes((work_done_statement(item.id),)))
         record, raw, results = inbound.record, inbound.raw, inbound.authentication_results
-        seen = assemble(header("Authentication-Results", results), raw) if results else raw
-        message = await asyncio.to_thread(message_view_from_bytes, seen, record.mail_from, record.rcpt_to,
-                                          max_depth=self.config.limits.mime_depth)
+        message = view.parsed.pop(record.id, None)
+        if isinstance(message, Exception):
+            raise message
+        if message is None:
+            message = await asyncio.to_thread(self._parse, inbound)
         followup = await view.first_message(ticket.number) != record.id
         routed = await self.decide(ticket, message, followup, view)
         message_id = self.ids.message_id(ticket.number)
@@ -295,26 +319,26 @@ class Router:
                             authentication_results=results)
         now = time.time()
         await view.assign(ticket, routed.agent, routed.team, routed.priority, now)
-        bounce = self.config.support.bounce_address
-
-        async def commit(tx: Tx) -> None:
-            if routed.agent is not None and routed.agent != ticket.agent:
-                await tx.execute("UPDATE tickets SET agent = ?, team = ?, priority = ?, updated_at = ? "
-                                 "WHERE number = ?", (routed.agent, routed.team, routed.priority, now, ticket.number))
-                await tx.execute("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, 'agent')",
-                                 (ticket.number, routed.rcpt.lower()))
-            elif routed.agent is None:
-                # With the supervisor nobody owns it: an agent who let it lapse must not keep it.
-                await tx.execute("UPDATE tickets SET agent = NULL, team = ?, priority = ?, updated_at = ? "
-                                 "WHERE number = ?", (routed.team, routed.priority, now, ticket.number))
-            await add_event(tx, ticket.number, "routed" if routed.agent else "unroutable", {
+        statements: list[Statement] = []
+        if routed.agent is not None and routed.agent != ticket.agent:
+            statements += [("UPDATE tickets SET agent = ?, team = ?, priority = ?, updated_at = ? WHERE number = ?",
+                            (routed.agent, routed.team, routed.priority, now, ticket.number)),
+                           ("INSERT OR IGNORE INTO participants (ticket, address, role) VALUES (?, ?, 'agent')",
+                            (ticket.number, routed.rcpt.lower()))]
+        elif routed.agent is None:
+            # With the supervisor nobody owns it: an agent who let it lapse must not keep it.
+            statements.append(("UPDATE tickets SET agent = NULL, team = ?, priority = ?, updated_at = ? "
+                               "WHERE number = ?", (routed.team, routed.priority, now, ticket.number)))
+        statements += [
+            event_statement(ticket.number, "routed" if routed.agent else "unroutable", {
                 "message": record.id, "agent": routed.agent, "team": routed.team, "priority": routed.priority,
                 "rcpt": routed.rcpt, "summary": routed.summary,
                 "trace": [{"plugin": s.plugin, "outcome": s.outcome, "reason": s.reason, "ms": s.ms}
-                          for s in routed.trace]}, at=now)
-            await enqueue(tx, kind="forward", ticket=ticket.number, message=record.id, agent=routed.agent,
-                          mail_from=bounce, rcpt=routed.rcpt, message_id=message_id, content=head, now=now)
-            await work_done(tx, item.id, now)
+                          for s in routed.trace]}, at=now),
+            enqueue_statement(kind="forward", ticket=ticket.number, message=record.id, agent=routed.agent,
+                              mail_from=self.config.support.bounce_address, rcpt=routed.rcpt,
+                              message_id=message_id, content=head, now=now),
+            work_done_statement(item.id, now)]
 
         def after(_: None) -> bool:
             if not followup and routed.team and item.kind == "route":
@@ -322,4 +346,4 @@ class Router:
             log.info("routed ticket=%s agent=%s team=%s rcpt=<%s> route=%r", self.ids.ref(ticket.number),
                      routed.agent or "-", routed.team or "-", routed.rcpt, routed.summary)
             return True
-        return Planned(commit, after)
+        return Planned(Writes(tuple(statements)), after)

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from .db import Database, Tx
+from .db import Database, Statement, Tx
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,15 @@ def _message_records(rows: list[Any]) -> list[MessageRecord]:
 async def add_event(tx: Tx, ticket: int | None, kind: str, detail: dict[str, Any] | None = None,
                     actor: str | None = None, at: float | None = None) -> int:
     """Appends to the audit trail; every state change of a ticket writes one."""
-    return await tx.execute(
-        "INSERT INTO events (ticket, at, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
-        (ticket, at if at is not None else time.time(), kind, actor,
-         json.dumps(detail or {}, sort_keys=True, ensure_ascii=False)),
-    )
+    return await tx.execute(*event_statement(ticket, kind, detail, actor, at))
+
+
+def event_statement(ticket: int | None, kind: str, detail: dict[str, Any] | None = None,
+                    actor: str | None = None, at: float | None = None) -> Statement:
+    """:func:`add_event` as a statement, for :class:`Writes`."""
+    return ("INSERT INTO events (ticket, at, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
+            (ticket, at if at is not None else time.time(), kind, actor,
+             json.dumps(detail or {}, sort_keys=True, ensure_ascii=False)))
 
 
 # A ticket is overdue while it is open and its latest SLA event is ``overdue``
@@ -129,16 +133,19 @@ _OVERDUE_SQL = """
 """
 
 
-async def plugin_state_write(tx: Tx, plugin: str, key: str, value: Any) -> None:
-    await tx.execute(
-        "INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
-        "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
-        (plugin, key, json.dumps(value, sort_keys=True)))
+def plugin_state_statement(plugin: str, key: str, value: Any) -> Statement:
+    return ("INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+            (plugin, key, json.dumps(value, sort_keys=True)))
 
 
 async def work_done(tx: Tx, work: int, now: float | None = None) -> None:
     """Marks a work item finished; done in the same transaction as the item's effect."""
-    await tx.execute("UPDATE work SET done_at = ? WHERE id = ?", (now if now is not None else time.time(), work))
+    await tx.execute(*work_done_statement(work, now))
+
+
+def work_done_statement(work: int, now: float | None = None) -> Statement:
+    return ("UPDATE work SET done_at = ? WHERE id = ?", (now if now is not None else time.time(), work))
 
 
 class Store(Database):
@@ -177,16 +184,44 @@ class Store(Database):
 
     async def inbound(self, message: int) -> Inbound | None:
         """One read for what routing and receipts need of a message."""
-        row = await self.fetchone(
+        return (await self.inbounds((message,))).get(message)
+
+    async def inbounds(self, messages: Collection[int], max_size: int | None = None) -> dict[int, Inbound]:
+        """:meth:`inbound` for many messages in one read; ``max_size`` leaves bigger ones out."""
+        marks = ",".join("?" * len(messages))
+        rows = await self.fetchall(
             "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at, raw, auth "
-            "FROM messages WHERE id = ?", (message,))
-        if row is None:
-            return None
-        return Inbound(_message_records([row[:9]])[0], bytes(row[9]), json.loads(row[10]) if row[10] else None)
+            f"FROM messages WHERE id IN ({marks}) AND size <= ?",
+            (*messages, max_size if max_size is not None else 2**62))
+        return {row[0]: Inbound(_message_records([row[:9]])[0], bytes(row[9]),
+                                json.loads(row[10]) if row[10] else None) for row in rows}
+
+    async def tickets_by_number(self, numbers: Collection[int]) -> dict[int, TicketRecord]:
+        marks = ",".join("?" * len(numbers))
+        rows = await self.fetchall(f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE number IN ({marks})", tuple(numbers))
+        return {row[0]: TicketRecord(*row) for row in rows}
 
     async def first_message(self, ticket: int) -> int | None:
-        row = await self.fetchone("SELECT min(id) FROM messages WHERE ticket = ?", (ticket,))
-        return row[0] if row else None
+        return (await self.first_messages((ticket,))).get(ticket)
+
+    async def first_messages(self, tickets: Collection[int]) -> dict[int, int]:
+        """The first stored message of each ticket (tickets without one are left out)."""
+        marks = ",".join("?" * len(tickets))
+        rows = await self.fetchall(
+            f"SELECT ticket, min(id) FROM messages WHERE ticket IN ({marks}) GROUP BY ticket", tuple(tickets))
+        return {row[0]: row[1] for row in rows}
+
+    async def lapsed_agents(self, tickets: Collection[int]) -> dict[int, tuple[str, ...]]:
+        """The agents who let each ticket lapse (its ``reoffered`` events, as :mod:`gatewayd.reoffer` writes them)."""
+        marks = ",".join("?" * len(tickets))
+        rows = await self.fetchall(
+            f"SELECT DISTINCT ticket, json_extract(detail, '$.lapsed') FROM events WHERE ticket IN ({marks}) "
+            "AND kind = 'reoffered'", tuple(tickets))
+        lapsed: dict[int, list[str]] = {}
+        for ticket, agent in rows:
+            if agent:
+                lapsed.setdefault(ticket, []).append(agent)
+        return {ticket: tuple(sorted(agents)) for ticket, agents in lapsed.items()}
 
     async def message_raw(self, message: int) -> bytes:
         row = await self.fetchone("SELECT raw FROM messages WHERE id = ?", (message,))
@@ -255,18 +290,28 @@ class Store(Database):
 
     async def customer_agents(self, customer: str, excluding: Collection[int]) -> dict[str, int]:
         """Every agent owning one of ``customer``'s tickets (``excluding`` those), with the newest one's number."""
-        marks = ",".join("?" * len(excluding))
+        return (await self.customers_agents((customer,), excluding)).get(customer, {})
+
+    async def customers_agents(self, customers: Collection[str],
+                               excluding: Collection[int]) -> dict[str, dict[str, int]]:
+        """:meth:`customer_agents` for many customers in one read."""
+        marks, skip = ",".join("?" * len(customers)), ",".join("?" * len(excluding))
         rows = await self.fetchall(
-            f"SELECT agent, max(number) FROM tickets WHERE customer = ? AND number NOT IN ({marks}) "
-            "AND agent IS NOT NULL GROUP BY agent", (customer, *excluding))
-        return {r[0]: r[1] for r in rows}
+            f"SELECT customer, agent, max(number) FROM tickets WHERE customer IN ({marks}) "
+            f"AND number NOT IN ({skip}) AND agent IS NOT NULL GROUP BY customer, agent",
+            (*customers, *excluding))
+        found: dict[str, dict[str, int]] = {}
+        for customer, agent, number in rows:
+            found.setdefault(customer, {})[agent] = number
+        return found
 
     async def plugin_state_get(self, plugin: str, key: str) -> Any | None:
         row = await self.fetchone("SELECT value FROM plugin_state WHERE plugin = ? AND key = ?", (plugin, key))
         return json.loads(row[0]) if row else None
 
     async def plugin_state_set(self, plugin: str, key: str, value: Any) -> None:
-        await self.transact(lambda tx: plugin_state_write(tx, plugin, key, value))
+        statement = plugin_state_statement(plugin, key, value)
+        await self.transact(lambda tx: tx.execute(*statement))
 
 
 def previous_agents(latest: dict[str, int]) -> tuple[str, ...]:

@@ -8,10 +8,21 @@ rolls back alone. A job that has been queued runs to completion even if the
 caller is cancelled (a client hanging up mid-DATA): it is committed whole or
 not at all, never half.
 
-A worker that has many independent writes at hand (the router's batch, the
-outbox's delivery results) hands them over together with
-:meth:`Database.transact_each`: one job, so one commit, with each part in a
-SAVEPOINT of its own, so one failing part still rolls back alone.
+Background workers (the router's batches, the outbox's delivery results)
+hand many independent writes over at once with :meth:`Database.transact_each`.
+Those parts barely make a waiting SMTP client wait: a transaction spends at
+most :data:`BACKGROUND_SHARE` seconds on background parts before it takes the
+queued :meth:`Database.transact` jobs and commits (more only when nobody is
+waiting). So background writes ride along in the commits intake needs anyway,
+a ``250`` waits at most about that long for them, and under a steady stream
+of SMTP transactions the background still gets its share of every commit.
+
+Every statement is one round trip to SQLite's thread (``execute_insert``,
+``execute_fetchall``): under load each round trip also waits for the event
+loop, and the writer's round trips are the pipeline's narrowest path. So a
+background part that only writes can be given as :class:`Writes`, and a run
+of those goes to SQLite in a single round trip, each still in its own
+SAVEPOINT.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +44,13 @@ from .schema import LATEST, MIGRATIONS
 
 log = logging.getLogger("gatewayd.store")
 T = TypeVar("T")
+Statement = tuple[str, Sequence[Any]]
 
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _FULL_CODES = {sqlite3.SQLITE_FULL}
 _CORE_TABLES = {"tickets", "messages", "events", "work", "outbox"}  # created by migration 1
+BACKGROUND_SHARE = 0.003
+_WRITES_RUN = 64
 
 
 def map_error(exc: BaseException) -> StoreError:
@@ -66,27 +81,36 @@ class Tx:
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Runs a statement; returns the last inserted rowid."""
-        cursor = await self._db.execute(sql, params)
-        rowid = cursor.lastrowid or 0
-        await cursor.close()
-        return rowid
+        row = await self._db.execute_insert(sql, params)
+        return (row[0] if row else 0) or 0
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         await self._db.executemany(sql, rows)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        async with self._db.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        """The first row; the query should return one or a few (all are fetched, in one round trip)."""
+        rows = await self._db.execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._db.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._db.execute_fetchall(sql, params))
+
+
+@dataclass(frozen=True)
+class Writes:
+    """A background part that only writes: its statements, in order (its result is None)."""
+
+    statements: tuple[Statement, ...]
+
+
+Part = Callable[[Tx], Awaitable[Any]] | Writes
 
 
 @dataclass
 class _Job:
-    work: Callable[[Tx], Awaitable[Any]]
+    work: Part
     future: asyncio.Future[Any]
+    background: bool = False
 
 
 @dataclass
@@ -107,7 +131,9 @@ class Database:
         self._writer = writer
         self._reader = reader
         self._group_limit = group_limit
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._waiting: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._ready = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = CommitStats()
@@ -155,7 +181,7 @@ class Database:
         """Finishes every queued job, then closes both connections."""
         self._closing = True
         if self._committer is not None:
-            self._queue.put_nowait(None)
+            self._ready.set()
             await self._committer
             self._committer = None
         await self._reader.close()
@@ -171,90 +197,92 @@ class Database:
 
     async def transact(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Runs ``work`` inside the next group commit and returns its result once durable."""
+        self._check_open()
+        job = _Job(work, asyncio.get_running_loop().create_future())
+        self._waiting.append(job)
+        self._ready.set()
+        return await asyncio.shield(job.future)
+
+    async def transact_each(self, parts: Sequence[Part]) -> list[Any]:
+        """Runs background ``parts`` in order, in the coming commits; each part's result or exception, in order.
+
+        Each part runs in its own SAVEPOINT: one that raises is rolled back
+        alone and its exception (sqlite3 errors mapped to :class:`StoreError`)
+        takes its place in the list. A :class:`StoreError` in the list means
+        that part was not committed, whichever way it failed. Parts yield to
+        :meth:`transact` jobs and may be split over more than one commit.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(part, loop.create_future(), background=True) for part in parts]
+        self._background.extend(jobs)
+        self._ready.set()
+        outcomes = await asyncio.shield(asyncio.gather(*(job.future for job in jobs), return_exceptions=True))
+        return [map_error(o) if isinstance(o, sqlite3.Error) else o for o in outcomes]
+
+    def _check_open(self) -> None:
         if self._closing or self._committer is None or self._committer.done():
             raise StoreUnavailable("the store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(work, future))
-        return await asyncio.shield(future)
-
-    async def transact_each(self, parts: Sequence[Callable[[Tx], Awaitable[Any]]]) -> list[Any]:
-        """Runs ``parts`` in order in one job of the next group commit; each part's result or exception, in order.
-
-        Each part runs in its own SAVEPOINT: one that raises is rolled back alone
-        and its exception (sqlite3 errors mapped to :class:`StoreError`) takes its
-        place in the list, while the others still commit. Raises
-        :class:`StoreError` when nothing could be committed at all.
-        """
-        if not parts:
-            return []
-
-        async def each(tx: Tx) -> list[Any]:
-            outcomes: list[Any] = []
-            for part in parts:
-                await tx.execute("SAVEPOINT part")
-                try:
-                    result = await part(tx)
-                except Exception as exc:
-                    if not tx.in_transaction:
-                        raise
-                    await tx.execute("ROLLBACK TO part")
-                    await tx.execute("RELEASE part")
-                    outcomes.append(map_error(exc) if isinstance(exc, sqlite3.Error) else exc)
-                else:
-                    await tx.execute("RELEASE part")
-                    outcomes.append(result)
-            return outcomes
-        return await self.transact(each)
 
     async def _commit_loop(self) -> None:
         while True:
-            job = await self._queue.get()
-            if job is None:
+            if self._waiting or self._background:
+                await self._run_batch()
+            elif self._closing:
                 return
-            batch = [job]
-            stop = False
-            while len(batch) < self._group_limit and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            await self._run_batch(batch)
-            if stop:
-                return
+            else:
+                self._ready.clear()
+                await self._ready.wait()
 
-    async def _run_batch(self, batch: list[_Job]) -> None:
+    def _next_job(self, batch: list[_Job], background_spent: float) -> _Job | None:
+        """Background parts for up to BACKGROUND_SHARE seconds, then the waiting callers, then
+        more background only if no caller waits on this transaction."""
+        if len(batch) >= self._group_limit:
+            return None
+        if self._background and background_spent < BACKGROUND_SHARE:
+            return self._background.popleft()
+        if self._waiting:
+            return self._waiting.popleft()
+        if self._background and all(job.background for job in batch):
+            return self._background.popleft()
+        return None
+
+    async def _run_batch(self) -> None:
         db = self._writer
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
         except Exception as exc:
-            _fail(batch, map_error(exc))
+            refused: list[_Job] = []
+            while (job := self._next_job(refused, 0.0)) is not None:
+                refused.append(job)
+            _fail(refused, map_error(exc))
             return
         tx = Tx(db)
+        batch: list[_Job] = []
+        background_spent = 0.0
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            for index, job in enumerate(batch):
-                await db.execute("SAVEPOINT job")
+            while (job := self._next_job(batch, background_spent)) is not None:
+                started = time.monotonic()
+                run = self._writes_run(job, len(batch))
+                batch.extend(run)
                 try:
-                    result = await job.work(tx)
+                    if isinstance(job.work, Writes) and _ONE_TRIP:
+                        results = await _apply(db, [j.work for j in run if isinstance(j.work, Writes)])
+                        outcomes.extend((j, None, error) for j, error in zip(run, results))
+                    else:
+                        outcomes.append(await _run_job(db, tx, job))
+                    if job.background:
+                        background_spent += time.monotonic() - started
                 except Exception as exc:
-                    if not db.in_transaction:
-                        # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error):
-                        # there is no savepoint left to roll back to, and the jobs before
-                        # this one were undone with it. They fail with this job's error;
-                        # the jobs after it have not run yet and get a batch of their own.
-                        error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
-                        log.error("store transaction aborted: %s", error)
-                        _fail(batch[: index + 1], error)
-                        if index + 1 < len(batch):
-                            await self._run_batch(batch[index + 1:])
-                        return
-                    await db.execute("ROLLBACK TO job")
-                    await db.execute("RELEASE job")
-                    outcomes.append((job, None, exc))
-                else:
-                    await db.execute("RELEASE job")
-                    outcomes.append((job, result, None))
+                    # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error):
+                    # there is no savepoint left to roll back to, and the jobs before
+                    # this one were undone with it. They fail with this job's error;
+                    # the jobs still queued get a transaction of their own.
+                    error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
+                    log.error("store transaction aborted: %s", error)
+                    _fail(batch, error)
+                    return
             await db.execute("COMMIT")
         except Exception as exc:
             error = map_error(exc)
@@ -278,19 +306,24 @@ class Database:
             else:
                 job.future.set_exception(map_error(error) if isinstance(error, sqlite3.Error) else error)
 
+    def _writes_run(self, first: _Job, taken: int) -> list[_Job]:
+        """``first`` and, if it is :class:`Writes`, the queued Writes right behind it (one round trip for all)."""
+        run = [first]
+        if isinstance(first.work, Writes) and _ONE_TRIP:
+            while (self._background and isinstance(self._background[0].work, Writes)
+                   and len(run) < _WRITES_RUN and taken + len(run) < self._group_limit):
+                run.append(self._background.popleft())
+        return run
+
     # ------------------------------------------------------------------ reading
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        try:
-            async with self._reader.execute(sql, params) as cursor:
-                return await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise map_error(exc) from exc
+        """The first row; the query should return one or a few (all are fetched, in one round trip)."""
+        return next(iter(await self.fetchall(sql, params)), None)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise map_error(exc) from exc
 
@@ -306,6 +339,61 @@ class Database:
 async def _probe(tx: Tx) -> None:
     await tx.execute("INSERT INTO health (id, probed_at) VALUES (1, ?) "
                      "ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at", (time.time(),))
+
+
+async def _run_job(db: aiosqlite.Connection, tx: Tx, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+    """Runs one job in its own SAVEPOINT; raises only when SQLite aborted the whole transaction."""
+    await db.execute("SAVEPOINT job")
+    try:
+        work = job.work
+        result = await (_statements_of(work)(tx) if isinstance(work, Writes) else work(tx))
+    except Exception as exc:
+        if not db.in_transaction:
+            raise
+        await db.execute("ROLLBACK TO job")
+        await db.execute("RELEASE job")
+        return job, None, exc
+    await db.execute("RELEASE job")
+    return job, result, None
+
+
+def _statements_of(writes: Writes) -> Callable[[Tx], Awaitable[None]]:
+    async def work(tx: Tx) -> None:
+        for sql, params in writes.statements:
+            await tx.execute(sql, params)
+    return work
+
+
+# aiosqlite has no public way to run several statements in one trip to its thread;
+# Connection._execute (its internal queue, unchanged since 0.11) does it. Without it,
+# Writes run statement by statement like any other job: slower, not different.
+_ONE_TRIP = callable(getattr(aiosqlite.Connection, "_execute", None))
+
+
+async def _apply(db: aiosqlite.Connection, parts: list[Writes]) -> list[sqlite3.Error | None]:
+    """Applies ``parts`` in one round trip, each in its own SAVEPOINT; each part's error or None.
+
+    Raises when SQLite aborted the whole transaction.
+    """
+    def apply() -> list[sqlite3.Error | None]:
+        conn: sqlite3.Connection = db._conn
+        errors: list[sqlite3.Error | None] = []
+        for part in parts:
+            conn.execute("SAVEPOINT part")
+            try:
+                for sql, params in part.statements:
+                    conn.execute(sql, params)
+            except sqlite3.Error as exc:
+                if not conn.in_transaction:
+                    raise
+                conn.execute("ROLLBACK TO part")
+                conn.execute("RELEASE part")
+                errors.append(exc)
+            else:
+                conn.execute("RELEASE part")
+                errors.append(None)
+        return errors
+    return await db._execute(apply)
 
 
 def _fail(batch: list[_Job], error: BaseException) -> None:

@@ -129,6 +129,11 @@ MIGRATIONS: tuple[str, ...] = (
         probed_at  REAL NOT NULL
     );
     """,
+    # 5: a ticket's messages by ticket: routing, receipts and re-offers ask for a ticket's
+    # first message for every work item, which was a scan of every stored message.
+    """
+    CREATE INDEX messages_ticket ON messages (ticket, id);
+    """,
 )
 
 LATEST = len(MIGRATIONS)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from gatewayd.errors import StoreCorrupt, StoreFull, StoreUnavailable
-from gatewayd.store import Store, Tx
+from gatewayd.store import Store, Tx, Writes
+from gatewayd.store import db as db_module
 from gatewayd.store.schema import LATEST, MIGRATIONS
 
 
@@ -311,8 +312,9 @@ class TestTransactEach:
 
         assert await store.transact_each([count_then_insert] * 5) == [0, 1, 2, 3, 4]
 
-    async def test_a_part_that_aborts_the_transaction_fails_them_all(self, store: Store) -> None:
-        """SQLITE_FULL may abort the whole transaction: then nothing is reported committed."""
+    async def test_a_part_that_aborts_the_transaction_reports_nothing_committed_that_is_not(
+            self, store: Store) -> None:
+        """SQLITE_FULL may abort the whole transaction: every part is then either refused or really stored."""
         await store.transact(lambda tx: insert_probe(tx, "warm-up"))
         (pages,) = await store.transact(lambda tx: tx.fetchone("PRAGMA page_count"))
         await store.transact(lambda tx: tx.fetchone(f"PRAGMA max_page_count = {pages}"))
@@ -321,13 +323,42 @@ class TestTransactEach:
             await tx.execute("INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, 0, 'big', NULL, ?)",
                              ("x" * 200_000,))
 
-        try:
-            outcomes = await store.transact_each([lambda tx: insert_probe(tx, "before"), big_row])
-        except StoreFull:
-            assert await probe_labels(store) == ["warm-up"]
-        else:
-            assert isinstance(outcomes[1], StoreFull)
-            assert await probe_labels(store) == ["warm-up", "before"]
+        outcomes = await store.transact_each([lambda tx: insert_probe(tx, "before"), big_row])
+        assert isinstance(outcomes[1], StoreFull)
+        assert ("before" in await probe_labels(store)) == isinstance(outcomes[0], int)
+
+    @pytest.mark.parametrize("one_trip", [True, False])
+    async def test_writes_parts_go_together_and_still_roll_back_alone(self, store: Store, monkeypatch,
+                                                                        one_trip: bool) -> None:
+        """Statement-only parts share one round trip to SQLite (or, without it, run one by one): same outcome."""
+        monkeypatch.setattr(db_module, "_ONE_TRIP", one_trip and db_module._ONE_TRIP)
+        probe = "INSERT INTO events (ticket, at, kind, actor, detail) VALUES (NULL, 0, 'probe', ?, '{}')"
+        parts = [Writes(((probe, ("a",)),)),
+                 Writes(((probe, ("doomed",)), ("INSERT INTO no_such_table VALUES (1)", ()))),
+                 lambda tx: insert_probe(tx, "b"),
+                 Writes(((probe, ("c",)), (probe, ("d",))))]
+        commits = store.stats.commits
+        outcomes = await store.transact_each(parts)
+        assert store.stats.commits == commits + 1
+        assert outcomes[0] is None and isinstance(outcomes[1], StoreUnavailable) and outcomes[3] is None
+        assert await probe_labels(store) == ["a", "b", "c", "d"]
+
+    async def test_a_waiting_caller_is_committed_without_waiting_for_background_parts(self, store: Store) -> None:
+        """Intake's commit must not queue behind a router batch: background parts yield to it."""
+        async def slow_part(tx: Tx, n: int) -> int:
+            await asyncio.sleep(0.01)
+            return await insert_probe(tx, f"part-{n}")
+
+        background = asyncio.create_task(store.transact_each([lambda tx, n=n: slow_part(tx, n) for n in range(50)]))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await store.transact(lambda tx: insert_probe(tx, "caller"))
+        waited = time.monotonic() - started
+        labels = await probe_labels(store)
+        assert waited < 0.2, f"waited {waited:.3f}s for 50 parts of 10 ms"
+        assert "caller" in labels and "part-49" not in labels
+        assert all(isinstance(o, int) for o in await background)
+        assert len(await probe_labels(store)) == 51
 
 
 # --------------------------------------------------------------------------- store full
