@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .outgoing import enqueue
 from .relay import Relay, SendResult
 from .reoffer import reoffer
-from .store import OutboxItem, Store, Tx, add_event
+from .store import OutboxItem, Part, Store, Tx, Writes, add_event, event_statement
 from .webhook import post as post_webhook
 
 log = logging.getLogger("gatewayd.outbox")
@@ -102,8 +102,13 @@ class Outbox:
             await asyncio.wait({self._recorder})
         await self._relay.close()
 
+    @property
+    def _capacity(self) -> int:
+        """Deliveries started at once: a few per relay session, so the next is ready when one ends."""
+        return self.config.relay.concurrency * 4
+
     async def _launch_due(self) -> None:
-        free = self.config.relay.concurrency * 4 - len(self._inflight)
+        free = self._capacity - len(self._inflight)
         if free <= 0:
             return
         now = self.clock()
@@ -116,6 +121,9 @@ class Outbox:
             self._inflight[item.id] = task
 
     async def _until_next_due(self) -> float:
+        if len(self._inflight) >= self._capacity:
+            # The next delivery to end wakes the loop; waiting for the next due item would spin.
+            return _IDLE_POLL
         due = await self.store.next_outbox_due(excluding=(*self._inflight, *self._held))
         if self._held:
             due = min(filter(None, (due, min(self._held.values()))))
@@ -163,8 +171,7 @@ class Outbox:
             if not self._stopping and len(self._results) < len(self._inflight):
                 await asyncio.sleep(_RECORD_WINDOW)
             batch, self._results = self._results[:_RECORD_BATCH], self._results[_RECORD_BATCH:]
-            parts = [lambda tx, item=item, result=result: self._record(tx, item, result)
-                     for item, result, _ in batch]
+            parts = [self._record(item, result) for item, result, _ in batch]
             try:
                 outcomes = await self.store.transact_each(parts)
             except Exception as exc:
@@ -193,7 +200,9 @@ class Outbox:
             return await post_webhook(item.rcpt, content, self.config.relay.timeout)
         return await self._relay.send(item.mail_from, item.rcpt, content)
 
-    async def _record(self, tx: Tx, item: OutboxItem, result: SendResult) -> None:
+    def _record(self, item: OutboxItem, result: SendResult) -> Part:
+        """The write that records one attempt: the item's new state and its event, and on a
+        permanent failure what follows from it (that part reads the store, so it is a job)."""
         now = self.clock()
         attempts = item.attempts + 1
         retry = self.config.relay.retry
@@ -207,13 +216,18 @@ class Outbox:
             state, kind, next_at = "failed", "delivery_failed", now
             if result.outcome == "retry":
                 detail["gave_up_after"] = now - item.created_at
-        await tx.execute(
-            "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
-            "WHERE id = ?",
-            (state, attempts, next_at, None if state == "sent" else result.reply, now, item.id))
-        await add_event(tx, item.ticket, kind, detail, at=now)
-        if state == "failed":
+        statements = (
+            ("UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+             "WHERE id = ?", (state, attempts, next_at, None if state == "sent" else result.reply, now, item.id)),
+            event_statement(item.ticket, kind, detail, at=now))
+        if state != "failed":
+            return Writes(statements)
+
+        async def failed(tx: Tx) -> None:
+            for statement in statements:
+                await tx.execute(*statement)
             await self._after_permanent_failure(tx, item, result, now)
+        return failed
 
     async def _after_permanent_failure(self, tx: Tx, item: OutboxItem, result: SendResult, now: float) -> None:
         """Never silently dropped: a forward goes to another agent (or the supervisor hears of it),
