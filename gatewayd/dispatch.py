@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ log = logging.getLogger("gatewayd.dispatch")
 DEFAULT_TIMEOUT = 1.0
 MAX_FAILURES = 5
 COOLDOWN = 60.0
+HOOK_THREADS = 8
 _SUMMARY_LIMIT = 900
 
 
@@ -128,6 +130,52 @@ class _Garbage(Exception):
     """A plugin answered something the dispatcher cannot use."""
 
 
+class HookThreads:
+    """Runs ``def`` hooks on threads of their own, at most ``limit`` at a time.
+
+    Not on the loop's default pool: a hook that hangs past its timeout would
+    hold one of that pool's few threads for good, starving relay sends and
+    message parsing, and its non-daemon thread would keep the process from
+    exiting. Here a hung hook holds one daemon thread; once ``limit`` are held
+    the next call fails at once (a timeout for that plugin, which soon puts it
+    in cool-down) instead of queueing behind them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+
+    def run(self, hook: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.busy >= self.limit:
+            future.set_exception(TimeoutError(f"all {self.limit} plugin threads are held by hooks that did not return"))
+            return future
+        self.busy += 1
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            self.busy -= 1
+            if future.done():
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def call() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (hook(*args), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which judges it
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:
+                pass  # the loop is gone: nobody waits for this hook any more
+
+        threading.Thread(target=call, name="gatewayd-plugin-hook", daemon=True).start()
+        return future
+
+
 class RoutingChain:
     """A loaded chain of plugins; one instance lives as long as the configuration it came from."""
 
@@ -147,6 +195,7 @@ class RoutingChain:
         self._max_failures = max_failures
         self._cooldown = cooldown
         self._health: dict[str, _Health] = {link.name: _Health() for link in self.links}
+        self._threads = HookThreads(HOOK_THREADS)
 
     async def route(self, ticket: TicketView, message: MessageView, agents: Sequence[AgentView],
                     state: PluginStateStore, now: datetime | None = None) -> RoutingResult:
@@ -202,7 +251,7 @@ class RoutingChain:
         if inspect.iscoroutinefunction(link.plugin.route):
             task = asyncio.ensure_future(link.plugin.route(context, ticket, message, candidates))
         else:
-            task = asyncio.ensure_future(asyncio.to_thread(link.plugin.route, context, ticket, message, candidates))
+            task = self._threads.run(link.plugin.route, context, ticket, message, candidates)
         done, _ = await asyncio.wait({task}, timeout=link.timeout)
         if not done:
             task.cancel()

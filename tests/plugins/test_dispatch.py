@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
-from gatewayd.dispatch import RoutingChain
+from gatewayd.dispatch import HOOK_THREADS, RoutingChain
 from gatewayd.plugin import API_VERSION, Decision, Plugin
 from gatewayd.testing import (
     FakeClock,
@@ -125,6 +126,28 @@ async def test_hanging_plugin_does_not_hold_the_chain():
     started = time.perf_counter()
     await run_chain([(Hangs, {"timeout": 0.05})], agents=AGENTS)
     assert time.perf_counter() - started < 1
+
+
+class BlocksForever(Plugin):
+    """A def hook stuck in a call that never returns (a dead NFS mount, a lost lock)."""
+
+    release = threading.Event()
+
+    def route(self, context, ticket, message, candidates):
+        self.release.wait()
+
+
+async def test_hung_def_hooks_hold_threads_of_their_own_not_the_default_pool():
+    try:
+        chain = build_chain([(BlocksForever, {"timeout": 0.02})], agents=AGENTS, max_failures=1000)
+        for _ in range(HOOK_THREADS + 4):
+            result, trace = await run_chain(chain, agents=AGENTS)
+            assert trace[0].outcome == "timeout" and result.agent is not None
+        # Each of the loop's default threads would be stuck by now; relay sends and parsing use them.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=2) == "free"
+        assert threading.active_count() <= HOOK_THREADS + 16
+    finally:
+        BlocksForever.release.set()
 
 
 async def test_no_pick_falls_back_to_least_loaded_with_name_tiebreak():
