@@ -1,4 +1,4 @@
-"""A loopback DNS server that answers NXDOMAIN to everything, for the benchmark.
+"""A loopback DNS server that answers NXDOMAIN (with an SOA) to everything, for the benchmark.
 
 Intake looks up ``_dmarc`` records for every message; a resolver that never
 answers would make each message wait for the DNS timeout, which measures the
@@ -15,6 +15,11 @@ import sys
 
 import dns.message
 import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+NEGATIVE_TTL = 300
 
 
 def serve(port: int) -> None:
@@ -28,6 +33,10 @@ def serve(port: int) -> None:
                 continue
             response = dns.message.make_response(query)
             response.set_rcode(dns.rcode.NXDOMAIN)
+            # With the zone's SOA, as real servers answer: resolvers cache the NXDOMAIN for its minimum.
+            response.authority.append(dns.rrset.from_text(
+                query.question[0].name.parent(), NEGATIVE_TTL, dns.rdataclass.IN, dns.rdatatype.SOA,
+                f"ns.bench. hostmaster.bench. 1 3600 600 86400 {NEGATIVE_TTL}"))
             sock.sendto(response.to_wire(), peer)
 
 
