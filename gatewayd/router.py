@@ -48,8 +48,9 @@ log = logging.getLogger("gatewayd.router")
 
 _RETRY_AFTER_ERROR = 5.0
 _MAX_FAILURES = 3
-# A batch is committed after this many items or this long spent deciding, whichever
-# comes first: big enough to share one commit, short enough not to hold back its first forward.
+# A batch is committed after this many items or this long spent deciding them (once
+# read and parsed), whichever comes first: big enough to share one commit, short
+# enough that a slow plugin does not hold back the batch's first forward.
 _BATCH_ITEMS = 64
 _BATCH_SECONDS = 0.05
 
@@ -146,9 +147,9 @@ class Router:
         items = await self.store.pending_work(limit=_BATCH_ITEMS, excluding=tuple(self._held))
         if not items:
             return False
-        started = time.monotonic()
         view = await self._prefetched(items)
         batch: list[tuple[WorkItem, Planned]] = []
+        started = time.monotonic()
         for item in items:
             if self._stopping:
                 break

@@ -149,3 +149,30 @@ async def test_a_long_queue_is_worked_through_in_a_few_batches(gateway):
         pass
     assert len(await forwards(gateway)) == 100
     assert gateway.store.stats.commits - commits <= 20
+
+
+async def test_a_message_too_big_to_prefetch_is_read_on_its_own_in_the_same_batch(gateway):
+    router = await paused(gateway)
+    big = message("Big one", message_id="<big@customer.test>", body=("z" * 76 + "\r\n") * 4000)
+    assert len(big) > 256 * 1024
+    await send_message(gateway.smtp_port, message("Small one", message_id="<small@customer.test>"))
+    await send_message(gateway.smtp_port, big)
+    commits = gateway.store.stats.commits
+    await router.work_through()
+    assert gateway.store.stats.commits == commits + 1
+    assert await forwards(gateway) == [(1000, "alice"), (1001, "bob")]
+
+
+async def test_time_spent_reading_the_batch_does_not_cut_it_short(gateway, monkeypatch):
+    """The batch's time limit is for deciding; a slow prefetch must not shrink batches to one item."""
+    monkeypatch.setattr(router_module, "_BATCH_SECONDS", 0.05)
+    router = await paused(gateway)
+    await send(gateway, 5)
+    first_messages = gateway.store.first_messages
+
+    async def slow(tickets):
+        await asyncio.sleep(0.2)
+        return await first_messages(tickets)
+    monkeypatch.setattr(gateway.store, "first_messages", slow)
+    await router.work_through()
+    assert len(await forwards(gateway)) == 5
