@@ -63,6 +63,9 @@ class Outbox:
         # may have read them as still pending, and must not start them again.
         self._settled: set[int] = set()
         self._unrecorded: dict[int, SendResult] = {}
+        # Items whose attempt is over and whose result waits for the recorder: they no longer
+        # take a delivery slot, so a slow commit does not hold up the next sends.
+        self._recording: set[int] = set()
         self._results: list[tuple[OutboxItem, SendResult, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
         self._relay = Relay(config.relay, config.hostname)
@@ -103,12 +106,12 @@ class Outbox:
         await self._relay.close()
 
     @property
-    def _capacity(self) -> int:
-        """Deliveries started at once: a few per relay session, so the next is ready when one ends."""
-        return self.config.relay.concurrency * 4
+    def _free(self) -> int:
+        """Deliveries that may start now: a few per relay session, so the next is ready when one ends."""
+        return self.config.relay.concurrency * 4 - (len(self._inflight) - len(self._recording))
 
     async def _launch_due(self) -> None:
-        free = self._capacity - len(self._inflight)
+        free = self._free
         if free <= 0:
             return
         now = self.clock()
@@ -121,7 +124,7 @@ class Outbox:
             self._inflight[item.id] = task
 
     async def _until_next_due(self) -> float:
-        if len(self._inflight) >= self._capacity:
+        if self._free <= 0:
             # The next delivery to end wakes the loop; waiting for the next due item would spin.
             return _IDLE_POLL
         due = await self.store.next_outbox_due(excluding=(*self._inflight, *self._held))
@@ -141,6 +144,8 @@ class Outbox:
                     result = await self._attempt(item)
                     self.metrics.delivery_attempt(item.kind, result.outcome)
                     self._unrecorded[item.id] = result
+            self._recording.add(item.id)
+            self._wake.set()
             await self._recorded(item, result)
             del self._unrecorded[item.id]
             log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
@@ -154,6 +159,7 @@ class Outbox:
                           item.id, self.config.relay.retry.first)
         finally:
             self._inflight.pop(item.id, None)
+            self._recording.discard(item.id)
             self._settled.add(item.id)
             self._wake.set()
 
@@ -168,7 +174,7 @@ class Outbox:
 
     async def _record_results(self) -> None:
         while self._results:
-            if not self._stopping and len(self._results) < len(self._inflight):
+            if not self._stopping and len(self._inflight) > len(self._recording):
                 await asyncio.sleep(_RECORD_WINDOW)
             batch, self._results = self._results[:_RECORD_BATCH], self._results[_RECORD_BATCH:]
             parts = [self._record(item, result) for item, result, _ in batch]

@@ -211,6 +211,36 @@ class TestBookkeeping:
         kinds = [e.kind for n in range(1000, 1020) for e in await gateway.store.events(n)]
         assert kinds.count("delivered") == 20, "still one event per outcome"
 
+    async def test_results_waiting_for_the_store_do_not_hold_up_the_next_sends(self, gateway, sink, monkeypatch):
+        """relay.concurrency x 4 deliveries may be under way; one whose result waits to be recorded is not."""
+        from gatewayd.outbox import Outbox
+
+        await gateway.daemon.outbox.stop(0)
+        for n in range(24):
+            await send_message(gateway.smtp_port, message(f"slow {n}", message_id=f"<slowrec{n}@customer.test>"))
+
+        async def routed() -> bool:
+            return not await gateway.store.pending_work(limit=1)
+        await wait_until(routed)
+        release = asyncio.Event()
+        transact_each = gateway.store.transact_each
+
+        async def slow_store(parts):
+            await release.wait()
+            return await transact_each(parts)
+        monkeypatch.setattr(gateway.store, "transact_each", slow_store)
+        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
+        task = asyncio.create_task(outbox.run())
+        try:
+            await sink.wait_for(24)
+            release.set()
+            await wait_until(lambda: _all_in_state(gateway.store, "sent", 24))
+        finally:
+            release.set()
+            await outbox.stop(5)
+            task.cancel()
+        assert len(sink.received) == 24
+
     async def test_a_scan_that_read_an_item_before_its_delivery_was_recorded_does_not_send_it_again(
             self, gateway, sink, monkeypatch):
         """Deliveries end while the next scan is still reading: its stale rows must not start them twice."""
