@@ -95,14 +95,16 @@ class Gatewayd:
                 return
             time.sleep(0.2)
 
-    def end_to_end(self) -> tuple[list[float], int]:
-        """Seconds from intake to the relay's 250 for every forward, and the number of accepted messages."""
+    def end_to_end(self) -> tuple[list[float], int, float]:
+        """Seconds from intake to the relay's 250 for every forward, the number of accepted messages, and
+        forwards per second from the first acceptance to the last forward (the whole pipeline's pace)."""
         with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True) as db:
-            delays = [r[0] for r in db.execute(
-                "SELECT o.updated_at - m.received_at FROM outbox o JOIN messages m ON m.id = o.message "
-                "WHERE o.kind = 'forward' AND o.state = 'sent'")]
+            rows = db.execute(
+                "SELECT m.received_at, o.updated_at FROM outbox o JOIN messages m ON m.id = o.message "
+                "WHERE o.kind = 'forward' AND o.state = 'sent'").fetchall()
             accepted = db.execute("SELECT count(*) FROM messages WHERE direction = 'in'").fetchone()[0]
-        return delays, accepted
+        span = max(sent for _, sent in rows) - min(received for received, _ in rows) if rows else 0.0
+        return [sent - received for received, sent in rows], accepted, len(rows) / span if span else 0.0
 
 
 def postfix_delays(log: Path) -> list[float]:
@@ -179,11 +181,11 @@ def main() -> int:
                 gateway.start()
                 rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
                 gateway.drain(STEP_TIMEOUT)
-                delays, accepted = gateway.end_to_end()
+                delays, accepted, drained = gateway.end_to_end()
                 stats = gateway.stop()
                 cells.append(Cell("gatewayd", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
                                   rss, percentile(delays, .5), percentile(delays, .99),
-                                  {"commits_per_message": stats["commits"] / max(1, accepted),
+                                  {"commits_per_message": stats["commits"] / max(1, accepted), "drained": drained,
                                    "accepted": accepted, "commits": stats["commits"]}))
 
         if args.no_extras:
@@ -193,7 +195,7 @@ def main() -> int:
         gateway.start()
         paced(gateway.port, 4096, LIGHT_LOAD_COUNT, LIGHT_LOAD_RATE, STEP_TIMEOUT)
         gateway.drain(STEP_TIMEOUT)
-        light, _ = gateway.end_to_end()
+        light, _, _ = gateway.end_to_end()
         gateway.stop()
 
         gateway = Gatewayd(relay_sink.port, dns_port)
@@ -225,18 +227,19 @@ def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: 
 
     by_key = {(c.target, c.size, c.sessions): c for c in cells}
     lines = [("| target | size | conc | msg/s | p50 to 250 (ms) | p99 to 250 (ms) | e2e p50 (ms) | e2e p99 (ms) "
-              "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg |"),
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg | pipeline msg/s |"),
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for c in cells:
-        ratio_pf = ratio_sink = commits = ""
+        ratio_pf = ratio_sink = commits = drained = ""
         if c.target == "gatewayd":
             postfix = by_key.get(("postfix", c.size, c.sessions))
             sink = by_key.get(("smtp-sink", c.size, c.sessions))
             ratio_pf = f"{c.rate / postfix.rate:.2f}" if postfix else ""
             ratio_sink = f"{c.rate / sink.rate:.2f}" if sink else ""
             commits = f"{c.extra['commits_per_message']:.2f}"
+            drained = f"{c.extra['drained']:.0f}"
         lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
-                     f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} |")
+                     f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} | {drained} |")
     lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
               (f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
                f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms"),
