@@ -17,12 +17,16 @@ waiting). So background writes ride along in the commits intake needs anyway,
 a ``250`` waits at most about that long for them, and under a steady stream
 of SMTP transactions the background still gets its share of every commit.
 
-Every statement is one round trip to SQLite's thread (``execute_insert``,
-``execute_fetchall``): under load each round trip also waits for the event
-loop, and the writer's round trips are the pipeline's narrowest path. So a
-background part that only writes can be given as :class:`Writes`, and a run
-of those goes to SQLite in a single round trip, each still in its own
-SAVEPOINT.
+Jobs run whole in SQLite's thread: under load every round trip to that
+thread also waits for a turn of the busy event loop, and the writer's round
+trips are the pipeline's narrowest path. A job's awaits on its :class:`Tx`
+never suspend there, so a run of queued jobs (each in its own SAVEPOINT) costs
+one round trip instead of one per statement. The contract that follows: a job
+awaits nothing but its ``Tx`` (anything else fails the job), and it may block
+briefly without stalling any SMTP session. A background part that only writes
+can also be given as :class:`Writes`. Without aiosqlite's internal
+``_execute`` jobs run statement by statement on the loop, with the same
+outcome.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -196,7 +200,10 @@ class Database:
     # ------------------------------------------------------------------ writing
 
     async def transact(self, work: Callable[[Tx], Awaitable[T]]) -> T:
-        """Runs ``work`` inside the next group commit and returns its result once durable."""
+        """Runs ``work`` inside the next group commit and returns its result once durable.
+
+        ``work`` runs in SQLite's thread and may await only its ``Tx``.
+        """
         self._check_open()
         job = _Job(work, asyncio.get_running_loop().create_future())
         self._waiting.append(job)
@@ -264,13 +271,17 @@ class Database:
         try:
             while (job := self._next_job(batch, background_spent)) is not None:
                 started = time.monotonic()
-                run = self._writes_run(job, len(batch))
-                batch.extend(run)
+                run = self._run_of(job, len(batch))
                 try:
-                    if isinstance(job.work, Writes) and _ONE_TRIP:
-                        results = await _apply(db, [j.work for j in run if isinstance(j.work, Writes)])
-                        outcomes.extend((j, None, error) for j, error in zip(run, results))
+                    if _ONE_TRIP:
+                        budget = BACKGROUND_SHARE if job.background else None
+                        done = await _run_in_thread(db, run, budget)
+                        # What the time share left over waits for the next turn, first in line.
+                        self._background.extendleft(reversed(run[len(done):]))
+                        batch.extend(run[:len(done)])
+                        outcomes.extend(done)
                     else:
+                        batch.append(job)
                         outcomes.append(await _run_job(db, tx, job))
                     if job.background:
                         background_spent += time.monotonic() - started
@@ -279,9 +290,14 @@ class Database:
                     # there is no savepoint left to roll back to, and the jobs before
                     # this one were undone with it. They fail with this job's error;
                     # the jobs still queued get a transaction of their own.
+                    ran = run
+                    if isinstance(exc, _Aborted):
+                        ran, exc = run[:exc.index + 1], exc.error
+                        for later in reversed(run[len(ran):]):
+                            (self._background if later.background else self._waiting).appendleft(later)
                     error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
                     log.error("store transaction aborted: %s", error)
-                    _fail(batch, error)
+                    _fail(batch + ran, error)
                     return
             await db.execute("COMMIT")
         except Exception as exc:
@@ -306,13 +322,17 @@ class Database:
             else:
                 job.future.set_exception(map_error(error) if isinstance(error, sqlite3.Error) else error)
 
-    def _writes_run(self, first: _Job, taken: int) -> list[_Job]:
-        """``first`` and, if it is :class:`Writes`, the queued Writes right behind it (one round trip for all)."""
+    def _run_of(self, first: _Job, taken: int) -> list[_Job]:
+        """``first`` and the jobs queued behind it of the same kind: one round trip for all.
+
+        Callers' jobs go together whole; background parts in runs short
+        enough for the time share to be checked between them.
+        """
         run = [first]
-        if isinstance(first.work, Writes) and _ONE_TRIP:
-            while (self._background and isinstance(self._background[0].work, Writes)
-                   and len(run) < _WRITES_RUN and taken + len(run) < self._group_limit):
-                run.append(self._background.popleft())
+        if _ONE_TRIP:
+            queue, most = (self._background, _WRITES_RUN) if first.background else (self._waiting, self._group_limit)
+            while queue and len(run) < most and taken + len(run) < self._group_limit:
+                run.append(queue.popleft())
         return run
 
     # ------------------------------------------------------------------ reading
@@ -364,36 +384,92 @@ def _statements_of(writes: Writes) -> Callable[[Tx], Awaitable[None]]:
     return work
 
 
-# aiosqlite has no public way to run several statements in one trip to its thread;
-# Connection._execute (its internal queue, unchanged since 0.11) does it. Without it,
-# Writes run statement by statement like any other job: slower, not different.
-_ONE_TRIP = callable(getattr(aiosqlite.Connection, "_execute", None))
+class _ThreadTx(Tx):
+    """The :class:`Tx` of a job that runs whole in SQLite's thread: the same calls, never suspending."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, params).lastrowid or 0
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        return self._conn.execute(sql, params).fetchone()
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, params).fetchall()
 
 
-async def _apply(db: aiosqlite.Connection, parts: list[Writes]) -> list[sqlite3.Error | None]:
-    """Applies ``parts`` in one round trip, each in its own SAVEPOINT; each part's error or None.
+class _Aborted(Exception):
+    """SQLite aborted the transaction while ``run[index]`` ran; the jobs after it never started."""
 
-    Raises when SQLite aborted the whole transaction.
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+def _drive(job: Coroutine[Any, Any, T]) -> T:
+    """Runs a job coroutine to its end in the calling thread.
+
+    Its awaits are :class:`_ThreadTx` calls, which never suspend, so one
+    ``send`` finishes it. A job that awaits anything else is a defect: it is
+    stopped and fails, and its savepoint is rolled back.
     """
-    def apply() -> list[sqlite3.Error | None]:
+    try:
+        job.send(None)
+    except StopIteration as done:
+        return done.value
+    job.close()
+    raise RuntimeError("a store job awaited something other than its transaction")
+
+
+async def _run_in_thread(db: aiosqlite.Connection, run: list[_Job],
+                         budget: float | None) -> list[tuple[_Job, Any, BaseException | None]]:
+    """Runs ``run`` in one trip to SQLite's thread, each job in its own SAVEPOINT.
+
+    Under load every trip also waits for a turn of the busy event loop, so a
+    job of fifteen statements costs one such wait instead of fifteen. With a
+    ``budget`` (seconds), jobs stop being started once it is spent; the
+    outcomes cover the jobs that ran, in order. Raises when SQLite aborted the
+    whole transaction.
+    """
+    def execute() -> list[tuple[_Job, Any, BaseException | None]]:
         conn: sqlite3.Connection = db._conn
-        errors: list[sqlite3.Error | None] = []
-        for part in parts:
-            conn.execute("SAVEPOINT part")
+        tx = _ThreadTx(conn)
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        deadline = None if budget is None else time.monotonic() + budget
+        for job in run:
+            if outcomes and deadline is not None and time.monotonic() >= deadline:
+                break
+            conn.execute("SAVEPOINT job")
             try:
-                for sql, params in part.statements:
-                    conn.execute(sql, params)
-            except sqlite3.Error as exc:
+                work = job.work
+                result = _drive(_statements_of(work)(tx) if isinstance(work, Writes) else work(tx))
+            except Exception as exc:
                 if not conn.in_transaction:
-                    raise
-                conn.execute("ROLLBACK TO part")
-                conn.execute("RELEASE part")
-                errors.append(exc)
+                    raise _Aborted(len(outcomes), exc) from exc
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
             else:
-                conn.execute("RELEASE part")
-                errors.append(None)
-        return errors
-    return await db._execute(apply)
+                conn.execute("RELEASE job")
+                outcomes.append((job, result, None))
+        return outcomes
+    return await db._execute(execute)
+
+
+# aiosqlite has no public way to run a function in its thread; Connection._execute
+# (its internal queue, unchanged since 0.11) does it. Without it, jobs run statement
+# by statement on the loop: slower, not different.
+_ONE_TRIP = callable(getattr(aiosqlite.Connection, "_execute", None))
 
 
 def _fail(batch: list[_Job], error: BaseException) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -229,21 +230,32 @@ class TestGroupCommit:
 
     async def test_a_cancelled_caller_still_gets_its_whole_job_committed(self, store: Store) -> None:
         """A client hanging up mid-DATA cancels the caller, never half of the job."""
-        started = asyncio.Event()
+        started = threading.Event()
 
         async def slow_job(tx: Tx) -> None:
             started.set()
             for n in range(5):
                 await insert_probe(tx, f"part-{n}")
-                await asyncio.sleep(0.01)
+                time.sleep(0.01)  # jobs run in SQLite's thread: blocking there stalls no session
 
         caller = asyncio.create_task(store.transact(slow_job))
-        await started.wait()
+        assert await asyncio.to_thread(started.wait, 5)
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         await store.transact(lambda tx: insert_probe(tx, "next"))
         assert await probe_labels(store) == [f"part-{n}" for n in range(5)] + ["next"]
+
+    async def test_a_job_that_awaits_anything_but_its_transaction_fails_alone(self, store: Store) -> None:
+        """Jobs run whole in SQLite's thread, where only the transaction's own calls can be awaited."""
+        async def sleeps(tx: Tx) -> None:
+            await insert_probe(tx, "undone")
+            await asyncio.sleep(0)
+
+        outcomes = await asyncio.gather(store.transact(lambda tx: insert_probe(tx, "ok")), store.transact(sleeps),
+                                        return_exceptions=True)
+        assert isinstance(outcomes[1], RuntimeError) and "awaited something other" in str(outcomes[1])
+        assert await probe_labels(store) == ["ok"]
 
     async def test_concurrent_jobs_see_each_others_writes_in_order(self, store: Store) -> None:
         """Jobs of one batch run one after another on the writer, so each sees the ones before."""
@@ -257,7 +269,7 @@ class TestGroupCommit:
 
     async def test_a_caller_timing_out_while_queued_still_gets_its_job_committed(self, store: Store) -> None:
         async def slow_job(tx: Tx) -> None:
-            await asyncio.sleep(0.05)
+            time.sleep(0.05)
             await insert_probe(tx, "first")
 
         async def queued_job(tx: Tx) -> None:
@@ -346,7 +358,7 @@ class TestTransactEach:
     async def test_a_waiting_caller_is_committed_without_waiting_for_background_parts(self, store: Store) -> None:
         """Intake's commit must not queue behind a router batch: background parts yield to it."""
         async def slow_part(tx: Tx, n: int) -> int:
-            await asyncio.sleep(0.01)
+            time.sleep(0.01)
             return await insert_probe(tx, f"part-{n}")
 
         background = asyncio.create_task(store.transact_each([lambda tx, n=n: slow_part(tx, n) for n in range(50)]))
