@@ -22,6 +22,7 @@ from .addresses import extract_address
 from .plugin import MessageView
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f])
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
@@ -124,8 +125,15 @@ def _decode_part(part: Message) -> str:
 
 
 def _clean(text: str) -> str:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return _BLANK_LINES.sub("\n\n", _CONTROL.sub("", text)).strip()
+    """LF line ends, no control characters, at most one blank line in a row.
+
+    Done on the UTF-8 bytes, where ``translate`` deletes the control bytes in
+    one C pass (they never occur inside a multi-byte sequence): regular
+    expressions over a 100 KB body cost the router about a millisecond.
+    """
+    data = text.encode("utf-8", "surrogatepass").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    text = data.translate(None, _CONTROL_BYTES).decode("utf-8", "surrogatepass")
+    return (_BLANK_LINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
 
 
 class _TextExtractor(HTMLParser):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatewayd.message_view import message_view_from_bytes
+from gatewayd.message_view import _clean, message_view_from_bytes
 
 RCPT = ["support@example.test"]
 
@@ -98,3 +100,14 @@ def test_broken_from_falls_back_to_envelope():
 def test_never_raises_on_garbage(raw: bytes):
     message = view(b"Content-Type: multipart/mixed; boundary=x\r\n" + raw)
     assert isinstance(message.body, str) and isinstance(message.subject, str)
+
+
+_REFERENCE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)) | st.sampled_from("\r\n\x00\x7f\x0b\t \u00e9\u4e2d")))
+@settings(max_examples=500, deadline=None)
+def test_body_text_has_lf_line_ends_no_control_characters_and_no_runs_of_blank_lines(text):
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    expected = re.sub(r"\n{3,}", "\n\n", _REFERENCE_CONTROL.sub("", expected)).strip()
+    assert _clean(text) == expected
