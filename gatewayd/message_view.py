@@ -34,7 +34,7 @@ def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str],
     than ``max_depth`` and keeps at most ``max_body`` characters of body.
     """
     try:
-        message = BytesParser(policy=policy.default).parsebytes(raw)
+        message = parse(raw)
         headers = _headers(message)
         body = _body(message, max_depth)
     except Exception:
@@ -53,6 +53,25 @@ def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str],
         authentication_results=headers.get("authentication-results", ()),
         message_id=message_ids[0].strip() if message_ids else None,
     )
+
+
+def parse(raw: bytes, *, whole: bool = False) -> Message:
+    """``raw`` parsed with ``email.policy.default``.
+
+    email's parser reads every body line in Python (about 3 ms for 100 KB);
+    a body that is one part (not ``multipart/*`` or ``message/*``) is handed
+    over whole instead, giving the same message. ``whole`` forces the full
+    parse.
+    """
+    parser = BytesParser(policy=policy.default)
+    end = raw.find(b"\r\n\r\n")
+    if whole or end < 0:
+        return parser.parsebytes(raw)
+    head = parser.parsebytes(raw[:end + 4], headersonly=True)
+    if head.get_payload() or head.get_content_maintype() in ("multipart", "message"):
+        return parser.parsebytes(raw)
+    head.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
+    return head
 
 
 def _headers(message: Message) -> dict[str, tuple[str, ...]]:

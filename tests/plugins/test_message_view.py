@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd import message_view
 from gatewayd.message_view import _clean, message_view_from_bytes
 
 RCPT = ["support@example.test"]
@@ -111,3 +114,30 @@ def test_body_text_has_lf_line_ends_no_control_characters_and_no_runs_of_blank_l
     expected = text.replace("\r\n", "\n").replace("\r", "\n")
     expected = re.sub(r"\n{3,}", "\n\n", _REFERENCE_CONTROL.sub("", expected)).strip()
     assert _clean(text) == expected
+
+
+_field = st.sampled_from([b"Subject: hi", b"Content-Type: text/plain; charset=utf-8", b"Content-Type: text/html",
+                          b"Content-Type: multipart/mixed; boundary=b", b"Content-Type: message/rfc822",
+                          b"Content-Transfer-Encoding: base64", b"Content-Transfer-Encoding: quoted-printable",
+                          b"From: =?utf-8?q?Caf=C3=A9?= <a@b.test>", b"X-Folded: a\r\n\tb", b"not a header",
+                          b" continuation", b"Content-Type: text/plain; charset=x-unknown"])
+_line = st.one_of(st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+                  st.sampled_from([b"--b", b"--b--", b"", b"Content-Type: text/plain", b"aGVsbG8=", b"caf=C3=A9="]))
+
+
+@given(fields=st.lists(_field, max_size=6), body=st.lists(_line, max_size=12), blank=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_a_single_part_body_handed_over_whole_gives_the_same_view(fields, body, blank, monkeypatch_module):
+    raw = b"\r\n".join(fields) + (b"\r\n\r\n" if blank else b"\r\n") + b"\r\n".join(body)
+    fast = message_view_from_bytes(raw, "a@b.test", RCPT)
+    with monkeypatch_module.context() as patch:
+        patch.setattr(message_view, "parse", functools.partial(message_view.parse, whole=True))
+        whole = message_view_from_bytes(raw, "a@b.test", RCPT)
+    assert (fast.subject, fast.sender, fast.body, dict(fast.headers), fast.message_id) == \
+        (whole.subject, whole.sender, whole.body, dict(whole.headers), whole.message_id)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
