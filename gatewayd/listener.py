@@ -16,6 +16,7 @@ What aiosmtpd leaves to us, and where it is done here:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -68,6 +69,10 @@ class SessionHandler:
         self.stats = stats
         self._observe = observe
         self._lmtp = listener.protocol == "lmtp"
+
+    def __dir__(self) -> tuple[str, ...]:
+        """Only the hook names aiosmtpd's constructor looks for (see :meth:`_GatewayProtocol.__dir__`)."""
+        return _hook_names(type(self), ("handle_", "auth_"))
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -147,6 +152,11 @@ class SessionHandler:
         return "\r\n".join([reply] * count) if self._lmtp and count > 1 else reply
 
 
+@functools.cache
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in dir(cls) if name.startswith(prefixes))
+
+
 def _address_problem(address: str, smtputf8: bool, role: str) -> str | None:
     if has_control(address):
         return "501 5.1.7 Bad address syntax: control characters" if role == "sender" \
@@ -210,6 +220,15 @@ class _GatewayProtocol(SMTP):
             await super()._handle_client()
         finally:
             self._slots.release()
+
+    def __dir__(self) -> tuple[str, ...]:
+        """Only the names aiosmtpd's constructor looks for in a session.
+
+        It scans ``dir()`` of every new session, through inspect.getmembers,
+        which evaluates every attribute: a third of a millisecond per
+        connection for a list that is the same for every session of a class.
+        """
+        return _hook_names(type(self), ("smtp_", "auth_"))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT path parser, without its cost for the usual ``<local@domain>``.

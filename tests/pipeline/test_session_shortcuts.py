@@ -1,13 +1,15 @@
-"""MAIL/RCPT path parsing: gatewayd's fast path gives exactly what aiosmtpd's parser gives."""
+"""Per-command shortcuts past aiosmtpd's slow paths: same results as aiosmtpd's own."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatewayd.listener import GatewaySMTP
+from gatewayd.listener import GatewayLMTP, GatewaySMTP, SessionHandler
 from tests.support.smtp import Client
 
 
@@ -50,3 +52,14 @@ async def test_a_path_that_trips_the_tokenizer_is_a_syntax_error(gateway):
     after = await client.cmd("NOOP")
     await client.close()
     assert reply.code == 553 and after.code == 250
+
+
+@pytest.mark.parametrize("cls", [GatewaySMTP, GatewayLMTP])
+async def test_sessions_find_every_command_and_hook_aiosmtpd_would(cls):
+    """Sessions list only the names aiosmtpd's constructor scans for: the same commands, hooks and AUTH."""
+    handler = SessionHandler.__new__(SessionHandler)
+    session = cls(handler, slots=None, data_timeout=1, line_limit=1001, loop=asyncio.get_running_loop())
+    every = object.__dir__(session)
+    assert set(session._smtp_methods) == {n[5:] for n in every if n.startswith("smtp_")}
+    assert set(session._auth_methods) == {"LOGIN", "PLAIN"}
+    assert set(session._handle_hooks) == {n[7:] for n in object.__dir__(handler) if n.startswith("handle_")}
