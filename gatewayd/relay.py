@@ -1,6 +1,6 @@
 """Sending messages to the configured relay over a few reused SMTP sessions, and classifying the answers.
 
-smtplib runs in worker threads (``asyncio.to_thread``): it is the standard
+smtplib runs in worker threads of the relay's own: it is the standard
 library's well-tested client, and a thread per in-flight delivery is cheap at
 the relay concurrency gatewayd uses. The cost worth saving is the handshake:
 TCP, banner, EHLO (and STARTTLS) per message. So a session that delivered a
@@ -20,6 +20,7 @@ import smtplib
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -187,10 +188,14 @@ class Relay:
         self._reaper: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
+        # Threads of its own: a hung relay holds these until relay.timeout, never the
+        # loop's default pool that intake, parsing and signing need meanwhile.
+        self._threads = ThreadPoolExecutor(config.concurrency + 1, thread_name_prefix="gatewayd-relay")
 
     async def send(self, mail_from: str, rcpt: str, content: bytes) -> SendResult:
         session = self._idle.pop().client if self._idle else None
-        result, kept = await asyncio.to_thread(deliver, session, self.config, self.helo, mail_from, rcpt, content)
+        result, kept = await asyncio.get_running_loop().run_in_executor(
+            self._threads, deliver, session, self.config, self.helo, mail_from, rcpt, content)
         if kept is not None:
             if self._closed or len(self._idle) >= self.config.concurrency:
                 self._close_later(kept)
@@ -230,7 +235,7 @@ class Relay:
         self._arm()
 
     def _close_later(self, client: smtplib.SMTP) -> None:
-        future = asyncio.get_running_loop().run_in_executor(None, close_session, client)
+        future = asyncio.get_running_loop().run_in_executor(self._threads, close_session, client)
         self._closing.add(future)
         future.add_done_callback(self._closing.discard)
 

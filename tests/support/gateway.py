@@ -23,7 +23,7 @@ def free_port() -> int:
 def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, metrics_port: int | None = None,
                 extra: str = "", limits: str = "", retry: str = "{first: 0.2s, max: 1s, give_up: 1h}",
                 routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None,
-                tls: tuple[Path, Path] | None = None, relay_timeout: str = "5s") -> str:
+                tls: tuple[Path, Path] | None = None, relay_timeout: str = "5s", relay_concurrency: int = 4) -> str:
     """A complete config for tests; ``extra``/``limits`` append YAML at top level / under limits."""
     socket_listener = f'  - {{protocol: lmtp, address: "unix:{lmtp_socket}", name: lmtp-socket}}\n' \
         if lmtp_socket else ""
@@ -46,6 +46,7 @@ def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, m
           address: "127.0.0.1:{relay_port}"
           retry: {retry}
           timeout: {relay_timeout}
+          concurrency: {relay_concurrency}
         teams:
           - {{name: support, supervisor: lead@example.test}}
           - {{name: security, supervisor: ciso@example.test}}
