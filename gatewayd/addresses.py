@@ -33,9 +33,12 @@ class AddressError(ValueError):
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def has_control(text: str) -> bool:
     """C0 and C1 control characters and the Unicode line/paragraph separators."""
-    return any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def parse_mailbox(text: str, *, utf8: bool = False) -> str:

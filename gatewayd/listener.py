@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import os
 import re
@@ -150,6 +151,10 @@ class SessionHandler:
     def _per_recipient(self, reply: str, count: int) -> str:
         """LMTP answers once per accepted recipient (RFC 2033 § 4.2); SMTP once."""
         return "\r\n".join([reply] * count) if self._lmtp and count > 1 else reply
+
+
+# aiosmtpd reads handle_EHLO's signature for every new session; inspect honours a precomputed one.
+SessionHandler.handle_EHLO.__signature__ = inspect.signature(SessionHandler.handle_EHLO)  # type: ignore[attr-defined]
 
 
 @functools.cache
