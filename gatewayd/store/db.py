@@ -259,6 +259,7 @@ class Database:
         try:
             await db.execute("BEGIN IMMEDIATE")
         except Exception as exc:
+            await _roll_back(db)
             refused: list[_Job] = []
             while (job := self._next_job(refused, 0.0)) is not None:
                 refused.append(job)
@@ -289,7 +290,10 @@ class Database:
                     # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error):
                     # there is no savepoint left to roll back to, and the jobs before
                     # this one were undone with it. They fail with this job's error;
-                    # the jobs still queued get a transaction of their own.
+                    # the jobs still queued get a transaction of their own. Anything
+                    # else (a savepoint that could not be released or rolled back)
+                    # leaves the transaction open: it is rolled back here, or every
+                    # later BEGIN would fail until a restart.
                     ran = run
                     if isinstance(exc, _Aborted):
                         ran, exc = run[:exc.index + 1], exc.error
@@ -297,16 +301,14 @@ class Database:
                             (self._background if later.background else self._waiting).appendleft(later)
                     error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
                     log.error("store transaction aborted: %s", error)
+                    await _roll_back(db)
                     _fail(batch + ran, error)
                     return
             await db.execute("COMMIT")
         except Exception as exc:
             error = map_error(exc)
             log.error("store commit failed: %s", error)
-            try:
-                await db.execute("ROLLBACK")
-            except Exception:
-                log.debug("rollback after failed commit also failed", exc_info=True)
+            await _roll_back(db)
             _fail(batch, error)
             return
         self.stats.jobs += len(batch)
@@ -470,6 +472,16 @@ async def _run_in_thread(db: aiosqlite.Connection, run: list[_Job],
 # (its internal queue, unchanged since 0.11) does it. Without it, jobs run statement
 # by statement on the loop: slower, not different.
 _ONE_TRIP = callable(getattr(aiosqlite.Connection, "_execute", None))
+
+
+async def _roll_back(db: aiosqlite.Connection) -> None:
+    """Ends whatever transaction is still open on the writer; never raises."""
+    if not db.in_transaction:
+        return
+    try:
+        await db.execute("ROLLBACK")
+    except Exception:
+        log.debug("rollback failed", exc_info=True)
 
 
 def _fail(batch: list[_Job], error: BaseException) -> None:

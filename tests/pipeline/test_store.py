@@ -257,6 +257,18 @@ class TestGroupCommit:
         assert isinstance(outcomes[1], RuntimeError) and "awaited something other" in str(outcomes[1])
         assert await probe_labels(store) == ["ok"]
 
+    async def test_a_job_that_breaks_its_savepoint_does_not_wedge_the_store(self, store: Store) -> None:
+        """A savepoint that cannot be rolled back fails its batch, and the transaction is ended with it."""
+        async def breaks_savepoint(tx: Tx) -> None:
+            await tx.execute("RELEASE job")
+            raise RuntimeError("after its savepoint was gone")
+
+        with pytest.raises(StoreUnavailable):
+            await store.transact(breaks_savepoint)
+        await store.transact(lambda tx: insert_probe(tx, "after"))
+        assert await probe_labels(store) == ["after"]
+        assert await store.writable()
+
     async def test_concurrent_jobs_see_each_others_writes_in_order(self, store: Store) -> None:
         """Jobs of one batch run one after another on the writer, so each sees the ones before."""
         async def count_then_insert(tx: Tx) -> int:
