@@ -42,6 +42,7 @@ DEFAULT_TIMEOUT = 1.0
 MAX_FAILURES = 5
 COOLDOWN = 60.0
 HOOK_THREADS = 8
+HOOK_THREADS_PER_PLUGIN = 2
 _SUMMARY_LIMIT = 900
 
 
@@ -131,30 +132,33 @@ class _Garbage(Exception):
 
 
 class HookThreads:
-    """Runs ``def`` hooks on threads of their own, at most ``limit`` at a time.
+    """Runs ``def`` hooks on threads of their own: at most ``per_plugin`` per plugin, ``limit`` in all.
 
     Not on the loop's default pool: a hook that hangs past its timeout would
     hold one of that pool's few threads for good, starving relay sends and
     message parsing, and its non-daemon thread would keep the process from
-    exiting. Here a hung hook holds one daemon thread; once ``limit`` are held
-    the next call fails at once (a timeout for that plugin, which soon puts it
-    in cool-down) instead of queueing behind them.
+    exiting. Here a hung hook holds one daemon thread; once its plugin holds
+    ``per_plugin`` of them, its next call fails at once (a timeout, which soon
+    puts it in cool-down) instead of queueing, and the other plugins keep
+    theirs.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_plugin: int) -> None:
         self.limit = limit
-        self.busy = 0
+        self.per_plugin = per_plugin
+        self.busy: dict[str, int] = {}
 
-    def run(self, hook: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def run(self, plugin: str, hook: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self.busy >= self.limit:
-            future.set_exception(TimeoutError(f"all {self.limit} plugin threads are held by hooks that did not return"))
+        if self.busy.get(plugin, 0) >= self.per_plugin or sum(self.busy.values()) >= self.limit:
+            future.set_exception(TimeoutError(f"{plugin} holds {self.busy.get(plugin, 0)} threads with hooks "
+                                              "that did not return"))
             return future
-        self.busy += 1
+        self.busy[plugin] = self.busy.get(plugin, 0) + 1
 
         def settle(result: Any, error: BaseException | None) -> None:
-            self.busy -= 1
+            self.busy[plugin] -= 1
             if future.done():
                 return
             if error is None:
@@ -195,7 +199,7 @@ class RoutingChain:
         self._max_failures = max_failures
         self._cooldown = cooldown
         self._health: dict[str, _Health] = {link.name: _Health() for link in self.links}
-        self._threads = HookThreads(HOOK_THREADS)
+        self._threads = HookThreads(HOOK_THREADS, HOOK_THREADS_PER_PLUGIN)
 
     async def route(self, ticket: TicketView, message: MessageView, agents: Sequence[AgentView],
                     state: PluginStateStore, now: datetime | None = None) -> RoutingResult:
@@ -251,7 +255,7 @@ class RoutingChain:
         if inspect.iscoroutinefunction(link.plugin.route):
             task = asyncio.ensure_future(link.plugin.route(context, ticket, message, candidates))
         else:
-            task = self._threads.run(link.plugin.route, context, ticket, message, candidates)
+            task = self._threads.run(link.name, link.plugin.route, context, ticket, message, candidates)
         done, _ = await asyncio.wait({task}, timeout=link.timeout)
         if not done:
             task.cancel()

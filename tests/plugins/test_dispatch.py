@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gatewayd.dispatch import HOOK_THREADS, RoutingChain
+from gatewayd.dispatch import HOOK_THREADS, HOOK_THREADS_PER_PLUGIN, RoutingChain
 from gatewayd.plugin import API_VERSION, Decision, Plugin
 from gatewayd.testing import (
     FakeClock,
@@ -139,13 +139,15 @@ class BlocksForever(Plugin):
 
 async def test_hung_def_hooks_hold_threads_of_their_own_not_the_default_pool():
     try:
-        chain = build_chain([(BlocksForever, {"timeout": 0.02})], agents=AGENTS, max_failures=1000)
+        chain = build_chain([(BlocksForever, {"timeout": 0.02}), PickAlice], agents=AGENTS, max_failures=1000)
         for _ in range(HOOK_THREADS + 4):
             result, trace = await run_chain(chain, agents=AGENTS)
-            assert trace[0].outcome == "timeout" and result.agent is not None
+            assert trace[0].outcome == "timeout"
+            # The hung plugin holds threads of its own share only: the next def plugin still runs.
+            assert result.agent == "alice" and result.decided_by == "PickAlice"
         # Each of the loop's default threads would be stuck by now; relay sends and parsing use them.
         assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=2) == "free"
-        assert threading.active_count() <= HOOK_THREADS + 16
+        assert threading.active_count() <= HOOK_THREADS_PER_PLUGIN + 16
     finally:
         BlocksForever.release.set()
 
