@@ -93,7 +93,17 @@ async def read_section(reader: asyncio.StreamReader, *, size_limit: int | None, 
     size -= len(b".\r\n")
     if too_big or (size_limit is not None and size > size_limit):
         return DataSection(b"", "too_big", size)
-    stuffed = b"".join(blocks)[:size]
+    # The final ".\r\n" comes off the last blocks before they are joined, and the
+    # blocks go as soon as they are: at most two copies of the section at a time.
+    trim = len(b".\r\n")
+    while trim:
+        last = blocks.pop()
+        if len(last) > trim:
+            blocks.append(last[:-trim])
+            break
+        trim -= len(last)
+    stuffed = b"".join(blocks)
+    blocks.clear()
     if has_long_line(stuffed, line_limit):
         return DataSection(b"", "line_too_long", size)
     if size > _INLINE_UNSTUFF:

@@ -272,7 +272,8 @@ class _GatewayProtocol(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                section = await read_section(self._reader, size_limit=self.data_size_limit,
+                # As in aiosmtpd and the SIZE extension, a limit of 0 means none.
+                section = await read_section(self._reader, size_limit=self.data_size_limit or None,
                                              line_limit=self.line_length_limit)
             except asyncio.IncompleteReadError:
                 log.info("connection closed during DATA by %s", _peer(self.session.peer if self.session else None))

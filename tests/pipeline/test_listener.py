@@ -235,6 +235,11 @@ class TestHostileData:
         assert "SIZE 10240" in ehlo.lines
         assert reply.code == 552
 
+    async def test_a_size_limit_of_zero_means_no_limit(self, gateway_factory):
+        gw = await gateway_factory(limits="  max_message_size: 0\n")
+        [reply] = await send_message(gw.smtp_port, message(body="x" * 500 + "\r\n") * 3)
+        assert reply.code == 250
+
     async def test_oversize_data_is_refused_and_nothing_is_stored(self, gateway_factory):
         gw = await gateway_factory(limits="  max_message_size: 10KB\n")
         big = message(body="x" * 500 + "\r\n") * 30
