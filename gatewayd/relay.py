@@ -71,11 +71,13 @@ def _idle_and_open(client: smtplib.SMTP) -> bool:
     sock = client.sock
     if sock is None:
         return False
+    # poll, not select: select refuses descriptors above 1023, which a busy daemon reaches.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
+        return not poller.poll(0)
+    except OSError:
         return False
-    return not readable
 
 
 def _transaction(client: smtplib.SMTP, mail_from: str, rcpt: str, content: bytes, reused: bool) -> SendResult:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -278,3 +281,27 @@ async def _all_sent(store: Store) -> bool:
 
 async def _no_session_open(relay: DroppingRelay) -> bool:
     return not relay.open
+
+
+class _Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+def test_idle_sessions_are_checked_on_descriptors_above_1023() -> None:
+    """A busy daemon's relay sockets get high numbers; select() refused those and every send reconnected."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    ours, theirs = socket.socketpair()
+    try:
+        assert ours.fileno() > 1023
+        assert relay_module._idle_and_open(_Client(ours))
+        theirs.close()
+        assert not relay_module._idle_and_open(_Client(ours))
+    finally:
+        ours.close()
+        theirs.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
