@@ -276,9 +276,8 @@ class _GatewayProtocol(SMTP):
                 section = await read_section(self._reader, size_limit=self.data_size_limit or None,
                                              line_limit=self.line_length_limit)
             except asyncio.IncompleteReadError:
-                log.info("connection closed during DATA by %s", _peer(self.session.peer if self.session else None))
-                self._writer.close()
-                return
+                # aiosmtpd's own signal for a lost client: it closes the session quietly.
+                raise ConnectionResetError("connection closed during DATA") from None
             if section.problem is not None:
                 self._set_post_data_state()
                 await self.push("552 5.3.4 Error: Too much mail data" if section.problem == "too_big"
