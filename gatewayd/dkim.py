@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import dkim
 
-from .dmarc import DmarcResult, evaluate as evaluate_dmarc, from_domain
+from .dmarc import DmarcResult, NotCached, evaluate as evaluate_dmarc, from_domain
 from .rawmessage import fields, split_message
 
 if TYPE_CHECKING:
@@ -282,7 +282,7 @@ class Verifier:
 
     @classmethod
     def from_config(cls, dns: "DnsConfig") -> "Verifier":
-        return cls(resolver_dnsfunc(dns), dns.timeout)
+        return cls(CachingResolver(dns), dns.timeout)
 
     async def check(self, message: bytes) -> Verdict:
         block, _ = split_message(message)
@@ -291,6 +291,12 @@ class Verifier:
         def run() -> Verdict:
             verdict = verify_blocking(message, self.dnsfunc, self.timeout) if signed else Verdict()
             return replace(verdict, dmarc=evaluate_dmarc(message, verdict.pass_domains, self.dnsfunc, self.timeout))
+        if not signed and isinstance(self.dnsfunc, CachingResolver):
+            try:
+                return replace(Verdict(), dmarc=evaluate_dmarc(message, frozenset(), self.dnsfunc.cached,
+                                                               self.timeout))
+            except NotCached:
+                pass
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, run),
                                           self.deadline or 3 * self.timeout + 1)
@@ -299,27 +305,39 @@ class Verifier:
                            DmarcResult("temperror", from_domain(message), None, "verification timed out"))
 
 
-def resolver_dnsfunc(config: "DnsConfig") -> DnsFunc:
-    """A dkimpy ``dnsfunc`` on dnspython, aimed at ``dns.resolver`` (or the system's resolver)."""
-    import dns.exception
-    import dns.resolver
+class CachingResolver:
+    """A dkimpy ``dnsfunc`` on dnspython, aimed at ``dns.resolver`` (or the system's resolver).
 
-    if config.resolver is not None:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [config.resolver.host or "127.0.0.1"]
-        resolver.port = config.resolver.port or 53
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = config.timeout
-    resolver.timeout = config.timeout
-    # Every message from a domain asks for the same _dmarc (and often the same
-    # key) record; answers and NXDOMAINs are kept for their TTL (the SOA
-    # minimum for negative answers), as a caching resolver would.
-    resolver.cache = dns.resolver.LRUCache(_CACHE_ENTRIES)
+    Every message from a domain asks for the same ``_dmarc`` (and often the
+    same key) record; answers and NXDOMAINs are kept for their TTL (the SOA
+    minimum for negative answers), as a caching resolver would.
+    :meth:`cached` answers from that cache alone, so a message whose records
+    are known needs no worker thread at all.
+    """
 
-    def lookup(name: bytes, timeout: float = config.timeout) -> bytes | None:
+    def __init__(self, config: "DnsConfig") -> None:
+        import dns.resolver
+
+        if config.resolver is not None:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [config.resolver.host or "127.0.0.1"]
+            resolver.port = config.resolver.port or 53
+        else:
+            resolver = dns.resolver.Resolver()
+        resolver.lifetime = config.timeout
+        resolver.timeout = config.timeout
+        resolver.cache = dns.resolver.LRUCache(_CACHE_ENTRIES)
+        self._resolver = resolver
+        self._timeout = config.timeout
+
+    def __call__(self, name: bytes, timeout: float | None = None) -> bytes | None:
+        """The first TXT string set of ``name``, None when there is none; blocking."""
+        import dns.exception
+        import dns.resolver
+
+        lifetime = min(timeout or self._timeout, self._timeout)
         try:
-            answer = resolver.resolve(name.decode("ascii", "replace"), "TXT", lifetime=min(timeout, config.timeout))
+            answer = self._resolver.resolve(name.decode("ascii", "replace"), "TXT", lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         except dns.exception.DNSException as exc:
@@ -327,4 +345,27 @@ def resolver_dnsfunc(config: "DnsConfig") -> DnsFunc:
         for record in answer:
             return b"".join(record.strings)
         return None
-    return lookup
+
+    def cached(self, name: bytes, timeout: float | None = None) -> bytes | None:
+        """What :meth:`__call__` would answer, from the cache alone; :class:`NotCached` otherwise."""
+        import dns.exception
+        import dns.name
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+
+        try:
+            qname = dns.name.from_text(name.decode("ascii", "replace"))
+        except dns.exception.DNSException:
+            raise NotCached(name) from None
+        cache = self._resolver.cache
+        answer = cache.get((qname, dns.rdatatype.TXT, dns.rdataclass.IN))
+        if answer is not None:
+            for record in answer.rrset or ():
+                return b"".join(record.strings)
+            return None
+        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+            return None
+        raise NotCached(name)
+

@@ -137,6 +137,10 @@ def aligned(d: str, domain: str, mode: str) -> bool:
     return domain.endswith("." + d) or d.endswith("." + domain)
 
 
+class NotCached(Exception):
+    """A cache-only lookup found nothing: the answer needs the network (and a worker thread)."""
+
+
 def _lookup(name: str, dnsfunc: DnsFunc, timeout: float) -> Record | None:
     return parse_record(dnsfunc(f"_dmarc.{name}.".encode("ascii"), timeout=timeout))
 
@@ -154,6 +158,8 @@ def evaluate(message: bytes, pass_domains: frozenset[str], dnsfunc: DnsFunc, tim
             if organizational != domain:
                 record = _lookup(organizational, dnsfunc, timeout)
                 policy = record and (record.subdomain_policy or record.policy)
+    except NotCached:
+        raise
     except Exception as exc:  # noqa: BLE001 - any resolver trouble is temporary, never a lost message
         return DmarcResult("temperror", domain, None, f"DNS: {type(exc).__name__} {exc}".strip())
     if record is None:

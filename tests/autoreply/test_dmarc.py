@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gatewayd.dkim import DnsTemporaryError, Signer, Verdict, Verifier, verify_blocking
+from gatewayd.config import DnsConfig, Endpoint
+from gatewayd.dkim import CachingResolver, DnsTemporaryError, Signer, Verdict, Verifier, verify_blocking
 from gatewayd.dmarc import DmarcResult, aligned, evaluate, parse_record
 from tests.autoreply.conftest import autoreply_yaml, forwards, outcome, receipts, settle
 from tests.autoreply.test_dkim import CUSTOMER_RECORD, SELECTOR, top_auth_results
@@ -190,6 +192,25 @@ class TestEndToEnd:
             [reply] = await send_message(gw.smtp_port, other)
             assert reply.code == 250
         assert sorted(stub.queries) == ["_dmarc.customer.test.", "_dmarc.elsewhere.test."]
+
+    @pytest.mark.parametrize("record", ["v=DMARC1; p=reject", None])
+    async def test_an_unsigned_message_whose_records_are_cached_needs_no_worker_thread(self, dns_stub,
+                                                                                      record) -> None:
+        stub, port = dns_stub
+        stub.negative_ttl = 300
+        if record:
+            stub.records[DMARC_RECORD] = record
+        resolver = CachingResolver(DnsConfig(resolver=Endpoint(host="127.0.0.1", port=port), timeout=1.0))
+        first = await Verifier(resolver, timeout=1).check(message())
+        asked = list(stub.queries)
+
+        class NoThreads(ThreadPoolExecutor):
+            def submit(self, *args, **kwargs):
+                raise AssertionError("went to a worker thread")
+
+        second = await Verifier(resolver, timeout=1, executor=NoThreads()).check(message())
+        assert second == first and second.dmarc.result == ("fail" if record else "none")
+        assert stub.queries == asked
 
     async def test_p_none_fail_is_accepted_under_reject(self, gateway_factory, dns_stub) -> None:
         stub, port = dns_stub
