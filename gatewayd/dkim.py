@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dkim
+import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
 
 from .dmarc import DmarcResult, NotCached, evaluate as evaluate_dmarc, from_domain
 from .rawmessage import fields, split_message
@@ -316,8 +322,6 @@ class CachingResolver:
     """
 
     def __init__(self, config: "DnsConfig") -> None:
-        import dns.resolver
-
         if config.resolver is not None:
             resolver = dns.resolver.Resolver(configure=False)
             resolver.nameservers = [config.resolver.host or "127.0.0.1"]
@@ -332,9 +336,6 @@ class CachingResolver:
 
     def __call__(self, name: bytes, timeout: float | None = None) -> bytes | None:
         """The first TXT string set of ``name``, None when there is none; blocking."""
-        import dns.exception
-        import dns.resolver
-
         lifetime = min(timeout or self._timeout, self._timeout)
         try:
             answer = self._resolver.resolve(name.decode("ascii", "replace"), "TXT", lifetime=lifetime)
@@ -348,12 +349,6 @@ class CachingResolver:
 
     def cached(self, name: bytes, timeout: float | None = None) -> bytes | None:
         """What :meth:`__call__` would answer, from the cache alone; :class:`NotCached` otherwise."""
-        import dns.exception
-        import dns.name
-        import dns.rcode
-        import dns.rdataclass
-        import dns.rdatatype
-
         try:
             qname = dns.name.from_text(name.decode("ascii", "replace"))
         except dns.exception.DNSException:
