@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 
+from gatewayd.outbox import Outbox
 from gatewayd.store import Store
 from tests.support.smtp import message, send_message
 
@@ -16,6 +17,17 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+async def routed_with_the_outbox_stopped(gateway, count: int, label: str) -> None:
+    """``count`` messages accepted and routed, their forwards waiting in the outbox for a test's own worker."""
+    await gateway.daemon.outbox.stop(0)
+    for n in range(count):
+        await send_message(gateway.smtp_port, message(f"{label} {n}", message_id=f"<{label}{n}@customer.test>"))
+
+    async def routed() -> bool:
+        return not await gateway.store.pending_work(limit=1)
+    await wait_until(routed)
 
 
 async def forward_item(store: Store):
@@ -164,8 +176,6 @@ class TestNeverSilentlyDropped:
     async def test_an_attempt_that_cannot_be_recorded_is_not_resent_in_a_tight_loop(self, gateway, sink, monkeypatch):
         """A message the relay took while the store was full is recorded later, never sent again."""
         from gatewayd.errors import StoreFull
-        from gatewayd.outbox import Outbox
-
         record = Outbox._record
 
         def store_full(self, item, result):
@@ -187,15 +197,7 @@ class TestNeverSilentlyDropped:
 
 class TestBookkeeping:
     async def test_a_burst_of_results_is_recorded_in_a_few_transactions(self, gateway, sink):
-        from gatewayd.outbox import Outbox
-
-        await gateway.daemon.outbox.stop(0)
-        for n in range(20):
-            await send_message(gateway.smtp_port, message(f"burst {n}", message_id=f"<burst{n}@customer.test>"))
-
-        async def routed() -> bool:
-            return not await gateway.store.pending_work(limit=1)
-        await wait_until(routed)
+        await routed_with_the_outbox_stopped(gateway, 20, "burst")
         gateway.daemon.sla.stop()
         commits = gateway.store.stats.commits
         outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
@@ -213,15 +215,7 @@ class TestBookkeeping:
 
     async def test_results_waiting_for_the_store_do_not_hold_up_the_next_sends(self, gateway, sink, monkeypatch):
         """relay.concurrency x 4 deliveries may be under way; one whose result waits to be recorded is not."""
-        from gatewayd.outbox import Outbox
-
-        await gateway.daemon.outbox.stop(0)
-        for n in range(24):
-            await send_message(gateway.smtp_port, message(f"slow {n}", message_id=f"<slowrec{n}@customer.test>"))
-
-        async def routed() -> bool:
-            return not await gateway.store.pending_work(limit=1)
-        await wait_until(routed)
+        await routed_with_the_outbox_stopped(gateway, 24, "slowrec")
         release = asyncio.Event()
         transact_each = gateway.store.transact_each
 
