@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 END_OF_DATA = b"\r\n.\r\n"
-# Sections above this are un-stuffed in a worker thread: copying tens of
-# megabytes must not pause the other sessions sharing the loop.
-_INLINE_UNSTUFF = 1024 * 1024
+# Sections above this are joined, checked and un-stuffed in a worker thread:
+# copying tens of megabytes must not pause the other sessions sharing the loop.
+_INLINE_FINISH = 1024 * 1024
 
 Problem = Literal["too_big", "line_too_long"]
 
@@ -93,8 +93,18 @@ async def read_section(reader: asyncio.StreamReader, *, size_limit: int | None, 
     size -= len(b".\r\n")
     if too_big or (size_limit is not None and size > size_limit):
         return DataSection(b"", "too_big", size)
-    # The final ".\r\n" comes off the last blocks before they are joined, and the
-    # blocks go as soon as they are: at most two copies of the section at a time.
+    if size > _INLINE_FINISH:
+        return await asyncio.to_thread(_finish, blocks, size, line_limit)
+    return _finish(blocks, size, line_limit)
+
+
+def _finish(blocks: list[bytes], size: int, line_limit: int) -> DataSection:
+    """The section from its blocks (the final dot's line still on them): joined, checked, un-stuffed.
+
+    The final ".\r\n" comes off the last blocks before they are joined, and
+    the blocks go as soon as they are: at most two copies of the section at a
+    time.
+    """
     trim = len(b".\r\n")
     while trim:
         last = blocks.pop()
@@ -106,11 +116,7 @@ async def read_section(reader: asyncio.StreamReader, *, size_limit: int | None, 
     blocks.clear()
     if has_long_line(stuffed, line_limit):
         return DataSection(b"", "line_too_long", size)
-    if size > _INLINE_UNSTUFF:
-        content = await asyncio.to_thread(unstuff, stuffed)
-    else:
-        content = unstuff(stuffed)
-    return DataSection(content, None, size)
+    return DataSection(unstuff(stuffed), None, size)
 
 
 def has_long_line(data: bytes, limit: int) -> bool:

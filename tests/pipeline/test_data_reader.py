@@ -118,6 +118,13 @@ class TestLimits:
         section, rest = await read(stuff(too_long) + b"NOOP\r\n")
         assert (section.problem, rest) == ("line_too_long", b"NOOP\r\n")
 
+    async def test_a_section_of_megabytes_is_finished_off_the_loop_with_the_same_rules(self):
+        content = (b".dotted line\r\n" + b"x" * 80 + b"\r\n") * 30_000
+        section, rest = await read(stuff(content) + b"QUIT\r\n", buffer=65536)
+        assert (section.content, section.problem, rest) == (content, None, b"QUIT\r\n")
+        too_long = content + b"y" * LINE_LIMIT + b"\r\n"
+        assert (await read(stuff(too_long), buffer=65536))[0].problem == "line_too_long"
+
     def test_long_line_search_counts_the_crlf(self):
         assert not has_long_line(b"ab\r\n" * 10, 4)
         assert has_long_line(b"ab\r\nabc\r\n", 4)
