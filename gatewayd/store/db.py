@@ -58,7 +58,7 @@ _CORE_TABLES = {"tickets", "messages", "events", "work", "outbox"}  # created by
 # 1 ms 530-623 and 0.5 ms 690, the router and outbox keeping the same pace
 # (bench, gatewayd-only runs).
 BACKGROUND_SHARE = 0.0005
-_WRITES_RUN = 64
+_BACKGROUND_RUN = 64  # background parts handed to SQLite's thread per trip, at most
 
 
 def map_error(exc: BaseException) -> StoreError:
@@ -336,7 +336,7 @@ class Database:
         """
         run = [first]
         if _ONE_TRIP:
-            queue, most = (self._background, _WRITES_RUN) if first.background else (self._waiting, self._group_limit)
+            queue, most = (self._background, _BACKGROUND_RUN) if first.background else (self._waiting, self._group_limit)
             while queue and len(run) < most and taken + len(run) < self._group_limit:
                 run.append(queue.popleft())
         return run
