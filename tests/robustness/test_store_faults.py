@@ -44,22 +44,22 @@ class FailingCommits:
     def __init__(self, store: Store) -> None:
         self.armed = True
         self.failed = 0
-        self._db = store._writer  # the only way to reach the commit SQLite runs
-        self._execute = self._db.execute
+        self._writer = store._writer  # the only way to reach the commit SQLite runs
+        self._control = self._writer.control
 
     def install(self) -> None:
-        self._db.execute = self._fail_commit  # type: ignore[method-assign]
+        self._writer.control = self._fail_commit  # type: ignore[method-assign]
 
     def remove(self) -> None:
-        self._db.execute = self._execute  # type: ignore[method-assign]
+        self._writer.control = self._control  # type: ignore[method-assign]
 
-    def _fail_commit(self, sql: str, *args: Any) -> Any:
+    def _fail_commit(self, conn: sqlite3.Connection, sql: str) -> None:
         if self.armed and sql == "COMMIT":
             self.failed += 1
             error = sqlite3.OperationalError("disk I/O error")
             error.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE  # type: ignore[attr-defined]
             raise error
-        return self._execute(sql, *args)
+        self._control(conn, sql)
 
 
 class TestStoreFull:
