@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class RelayConfig:
     timeout: float = 60 * SECONDS
     concurrency: int = 4
     starttls: bool = False
+    ca_file: Path | None = None  # verify the relay's certificate against this alone (else the system's CAs)
 
 
 @dataclass(frozen=True)
@@ -703,7 +705,8 @@ def _display_template(value: Any) -> str:
 
 
 def _relay(r: _Reader, data: Mapping[str, Any]) -> RelayConfig:
-    relay = r.section(data, "relay", "relay", {"address", "retry", "timeout", "concurrency", "starttls"})
+    relay = r.section(data, "relay", "relay", {"address", "retry", "timeout", "concurrency", "starttls",
+                                                           "ca_file"})
     if "relay" not in data:
         r.error("relay", "is required (relay.address: the MTA that sends gatewayd's mail)")
     retry = r.section(relay, "retry", "relay.retry", {"first", "max", "give_up"})
@@ -714,13 +717,23 @@ def _relay(r: _Reader, data: Mapping[str, Any]) -> RelayConfig:
     )
     if retry_cfg.max < retry_cfg.first:
         r.error("relay.retry.max", "must not be shorter than relay.retry.first")
+    starttls = r.value(relay, "starttls", "relay.starttls", _bool, False)
+    ca_file = r.value(relay, "ca_file", "relay.ca_file", lambda v: Path(_text(v)), None)
+    if ca_file is not None:
+        if not starttls:
+            r.error("relay.ca_file", "is only used with relay.starttls: true")
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            r.error("relay.ca_file", f"cannot load CA certificates from {str(ca_file)!r}: {exc}")
     return RelayConfig(
         address=r.value(relay, "address", "relay.address", lambda v: parse_endpoint(v, allow_unix=False),
                         Endpoint("127.0.0.1", 25)),
         retry=retry_cfg,
         timeout=r.value(relay, "timeout", "relay.timeout", _positive_duration, 60 * SECONDS),
         concurrency=r.value(relay, "concurrency", "relay.concurrency", _positive_int, 4),
-        starttls=r.value(relay, "starttls", "relay.starttls", _bool, False),
+        starttls=starttls,
+        ca_file=ca_file,
     )
 
 

@@ -52,13 +52,26 @@ def _classify(code: int, message: bytes | str) -> SendResult:
     return SendResult("failed" if 500 <= code < 600 else "retry", _reply(code, message))
 
 
-def _connect(relay: RelayConfig, helo: str) -> smtplib.SMTP:
+def tls_context(relay: RelayConfig) -> ssl.SSLContext | None:
+    """How the relay's certificate is checked (None: no STARTTLS).
+
+    Against ``relay.ca_file`` alone when given, else the system's CAs; the
+    certificate must name the host of ``relay.address`` (a DNS name or an IP
+    address). A relay that fails the check gets nothing: the attempt is a
+    temporary failure, retried like a relay that is down.
+    """
+    if not relay.starttls:
+        return None
+    return ssl.create_default_context(cafile=relay.ca_file)
+
+
+def _connect(relay: RelayConfig, helo: str, tls: ssl.SSLContext | None) -> smtplib.SMTP:
     client = smtplib.SMTP(relay.address.host or "127.0.0.1", relay.address.port or 25,
                           local_hostname=helo, timeout=relay.timeout)
     try:
         client.ehlo()
-        if relay.starttls:
-            client.starttls(context=ssl.create_default_context())
+        if tls is not None:
+            client.starttls(context=tls)
             client.ehlo()
     except BaseException:
         client.close()
@@ -116,8 +129,8 @@ def close_session(client: smtplib.SMTP) -> None:
         client.close()
 
 
-def deliver(session: smtplib.SMTP | None, relay: RelayConfig, helo: str, mail_from: str, rcpt: str,
-            content: bytes) -> tuple[SendResult, smtplib.SMTP | None]:
+def deliver(session: smtplib.SMTP | None, relay: RelayConfig, tls: ssl.SSLContext | None, helo: str,
+            mail_from: str, rcpt: str, content: bytes) -> tuple[SendResult, smtplib.SMTP | None]:
     """One SMTP transaction, on ``session`` if it is still usable, else on a new one; blocking.
 
     Returns the result and the session when it may carry the next message
@@ -135,7 +148,7 @@ def deliver(session: smtplib.SMTP | None, relay: RelayConfig, helo: str, mail_fr
             close_session(session)
             return _failure(exc), None
     try:
-        session = _connect(relay, helo)
+        session = _connect(relay, helo, tls)
     except (smtplib.SMTPException, OSError) as exc:
         return _failure(exc), None
     try:
@@ -156,14 +169,6 @@ def _failure(exc: BaseException) -> SendResult:
     if isinstance(exc, smtplib.SMTPResponseException):
         return _classify(exc.smtp_code, exc.smtp_error)
     return SendResult("retry", f"{type(exc).__name__}: {exc}"[:500])
-
-
-def send_blocking(relay: RelayConfig, helo: str, mail_from: str, rcpt: str, content: bytes) -> SendResult:
-    """One SMTP transaction on a session of its own; never raises for SMTP or network trouble."""
-    result, session = deliver(None, relay, helo, mail_from, rcpt, content)
-    if session is not None:
-        close_session(session)
-    return result
 
 
 @dataclass
@@ -193,11 +198,12 @@ class Relay:
         # Threads of its own: a hung relay holds these until relay.timeout, never the
         # loop's default pool that intake, parsing and signing need meanwhile.
         self._threads = ThreadPoolExecutor(config.concurrency + 1, thread_name_prefix="gatewayd-relay")
+        self._tls = tls_context(config)
 
     async def send(self, mail_from: str, rcpt: str, content: bytes) -> SendResult:
         session = self._idle.pop().client if self._idle else None
         result, kept = await asyncio.get_running_loop().run_in_executor(
-            self._threads, deliver, session, self.config, self.helo, mail_from, rcpt, content)
+            self._threads, deliver, session, self.config, self._tls, self.helo, mail_from, rcpt, content)
         if kept is not None:
             if self._closed or len(self._idle) >= self.config.concurrency:
                 self._close_later(kept)

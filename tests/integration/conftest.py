@@ -57,6 +57,14 @@ RELAY_SERVICE = """\
   -o smtpd_relay_restrictions=permit_mynetworks,reject
 """
 
+# Added to the relay service when the relay port takes mail only over STARTTLS (relay.starttls in gatewayd.yaml).
+RELAY_TLS_OPTIONS = """\
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_tls_cert_file={cert}
+  -o smtpd_tls_key_file={key}
+  -o smtpd_tls_received_header=yes
+"""
+
 # What the integration tests add to tests.support.gateway's base config: receipts, signing, loopback DNS.
 GATEWAYD_EXTRA = """\
 autoreply: {{templates: "{templates}"}}
@@ -74,8 +82,13 @@ def transport_map(gateway_lmtp: str, dovecot_lmtp: int) -> str:
             f"customer.test           lmtp:inet:[127.0.0.1]:{dovecot_lmtp}\n")
 
 
-def postfix_for(root: Path, port: int, relay_port: int, gateway_lmtp: str, dovecot_lmtp: int) -> Postfix:
-    """The MX + relay recipe of docs/postfix.md, with gatewayd's LMTP next hop ``gateway_lmtp``."""
+def postfix_for(root: Path, port: int, relay_port: int, gateway_lmtp: str, dovecot_lmtp: int,
+                relay_tls: tuple[Path, Path] | None = None) -> Postfix:
+    """The MX + relay recipe of docs/postfix.md, with gatewayd's LMTP next hop ``gateway_lmtp``; with
+    ``relay_tls`` (certificate, key) the relay port takes mail only over STARTTLS."""
+    services = RELAY_SERVICE.format(listen=f"127.0.0.1:{relay_port}")
+    if relay_tls:
+        services += RELAY_TLS_OPTIONS.format(cert=relay_tls[0], key=relay_tls[1])
     return Postfix(root, port, settings={
         "relay_domains": "example.test",
         "transport_maps": f"hash:{root}/conf/transport",
@@ -83,7 +96,7 @@ def postfix_for(root: Path, port: int, relay_port: int, gateway_lmtp: str, dovec
         "recipient_delimiter": "+",
         "message_size_limit": "33554432",
     }, maps={"transport": transport_map(gateway_lmtp, dovecot_lmtp)},
-        services=RELAY_SERVICE.format(listen=f"127.0.0.1:{relay_port}"))
+        services=services)
 
 
 class Mail(EmailMessage):
@@ -213,7 +226,7 @@ async def mail_path(gateway_factory: Callable[..., Any], dkim_key: GeneratedKey)
     roots: list[Path] = []
     started: list[Dovecot | Postfix] = []
 
-    async def start(lmtp: str = "tcp", **overrides: Any) -> MailPath:
+    async def start(lmtp: str = "tcp", relay_tls: tuple[Path, Path] | None = None, **overrides: Any) -> MailPath:
         root = scratch_dir("gw-it-")
         roots.append(root)
         (root / "dovecot").mkdir()
@@ -234,7 +247,7 @@ async def mail_path(gateway_factory: Callable[..., Any], dkim_key: GeneratedKey)
             shutil.chown(socket_path, group=grp.getgrnam("postfix").gr_gid)
         hop = f"unix:{socket_path}" if lmtp == "unix" else f"inet:[127.0.0.1]:{gw_lmtp}"
         (root / "postfix").mkdir()
-        postfix = postfix_for(root / "postfix", mx_port, relay_port, hop, dovecot.lmtp_port)
+        postfix = postfix_for(root / "postfix", mx_port, relay_port, hop, dovecot.lmtp_port, relay_tls)
         await asyncio.to_thread(postfix.start)
         started.append(postfix)
         await asyncio.to_thread(wait_for_port, relay_port)
@@ -253,4 +266,15 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=gw.example.test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def relay_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for the relay port, naming 127.0.0.1 (the host in relay.address)."""
+    folder = tmp_path_factory.mktemp("relay-tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=relay.example.test", "-addext", "subjectAltName=IP:127.0.0.1,DNS:relay.example.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key

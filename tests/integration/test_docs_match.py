@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.conftest import GATEWAYD_EXTRA, MAILBOXES, postfix_for, transport_map
+from tests.integration.conftest import GATEWAYD_EXTRA, MAILBOXES, RELAY_TLS_OPTIONS, postfix_for, transport_map
 from tests.support.gateway import REPO, config_text
 from tests.support.mta import DOVECOT_CONF, DOVECOT_USER, Postfix
 
@@ -61,6 +61,16 @@ class TestPostfix:
     def test_the_transport_map_file_is_the_one_main_cf_names(self) -> None:
         assert f"transport_maps = hash:{POSTFIX_ROOT}/conf/transport\n" in postfix().main_cf()
         assert f"postmap -c {POSTFIX_ROOT}/conf {POSTFIX_ROOT}/conf/transport" in POSTFIX_DOC
+
+
+    def test_the_relay_port_over_tls_is_shown_exactly(self) -> None:
+        tls = (Path("/etc/postfix/relay.crt"), Path("/etc/postfix/relay.key"))
+        options = RELAY_TLS_OPTIONS.format(cert=tls[0], key=tls[1])
+        assert_block(options, POSTFIX_DOC, "the relay port's TLS options")
+        with_tls = postfix_for(POSTFIX_ROOT, MX, RELAY, f"inet:[127.0.0.1]:{GATEWAY_LMTP}", DOVECOT_LMTP, tls)
+        assert with_tls.master_cf() == postfix().master_cf() + options, "the options extend the relay port's block"
+        [shown] = [yaml.safe_load(b) for b in blocks(POSTFIX_DOC) if b.startswith("  starttls:")]
+        assert shown == {"starttls": True, "ca_file": str(tls[0])}
 
 
 class TestGatewayd:

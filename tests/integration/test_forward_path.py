@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.integration.conftest import CUSTOMER, MailPath
@@ -70,3 +72,32 @@ class TestGatewaydAsMx:
                                        extra=("--tls",))
         assert "<~  250 2.0.0 Ok: queued as SUP-1000" in transcript, "the DATA reply came over TLS"
         await assert_forwarded_once(path, "Over TLS", "Encrypted.")
+
+
+class TestRelayOverStarttls:
+    """gatewayd's own mail (forwards here) to a relay port that takes mail only over STARTTLS."""
+
+    async def test_forwards_go_over_starttls_to_a_relay_verified_against_ca_file(self, mail_path,
+                                                                                 relay_certificate):
+        cert, _ = relay_certificate
+        path = await mail_path(relay_tls=relay_certificate, relay_extra=f'  starttls: true\n  ca_file: "{cert}"\n')
+        await path.inject(port=path.gateway.smtp_port, subject="Relayed over TLS", body="Encrypted onwards.")
+        await assert_forwarded_once(path, "Relayed over TLS", "Encrypted onwards.")
+        [(_, forward)] = await path.wait_for_mail(AGENTS, is_forward_of("Relayed over TLS"))
+        from_gatewayd = [r for r in forward.get_all("Received") if "gw.example.test" in r]
+        assert from_gatewayd and "using TLS" in from_gatewayd[0], forward.get_all("Received")
+
+    async def test_a_relay_whose_certificate_is_not_trusted_gets_nothing_and_the_forward_waits(
+            self, mail_path, relay_certificate):
+        path = await mail_path(relay_tls=relay_certificate, relay_extra="  starttls: true\n")
+        await path.inject(port=path.gateway.smtp_port, subject="Not to a stranger", body="Keep this.")
+        store = path.gateway.store
+        for _ in range(100):
+            rows = await store.fetchall("SELECT state, attempts, last_error FROM outbox WHERE kind = 'forward'")
+            if rows and rows[0]["attempts"] >= 2:
+                break
+            await asyncio.sleep(0.1)
+        [row] = rows
+        assert row["state"] == "pending" and row["attempts"] >= 2
+        assert "CERTIFICATE_VERIFY_FAILED" in row["last_error"]
+        assert [m for user in AGENTS for m in await asyncio.to_thread(path.fetch, user)] == []

@@ -212,6 +212,12 @@ class TestEveryErrorIsReported:
          "test.yaml:11: relay.retry.max: must not be shorter than relay.retry.first"),
         ("hostname: gw.example.test", "hostname: gw.example.test\nhostnam: typo.example.test",
          "test.yaml:2: hostnam: unknown key"),
+        ("retry: {first: 30s, max: 1h, give_up: 2d}",
+         "retry: {first: 30s, max: 1h, give_up: 2d}\n  ca_file: /etc/ssl/certs/ca-certificates.crt",
+         "test.yaml:12: relay.ca_file: is only used with relay.starttls: true"),
+        ("retry: {first: 30s, max: 1h, give_up: 2d}",
+         "retry: {first: 30s, max: 1h, give_up: 2d}\n  starttls: true\n  ca_file: /nonexistent/ca.pem",
+         "test.yaml:13: relay.ca_file: cannot load CA certificates from '/nonexistent/ca.pem'"),
     ])
     def test_single_mistakes(self, old: str, new: str, expected: str) -> None:
         issues = issues_of(with_change(old, new))

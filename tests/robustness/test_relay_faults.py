@@ -254,7 +254,7 @@ class TestSessionReuse:
     async def test_a_refusal_ends_the_session(self, dropping):
         dropping.script = Script(answers={"rcpt": "550 5.1.1 no such user"})
         config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
-        result, session = await asyncio.to_thread(relay_module.deliver, None, config, "gw.example.test",
+        result, session = await asyncio.to_thread(relay_module.deliver, None, config, None, "gw.example.test",
                                                   "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
         assert result == relay_module.SendResult("failed", "550 5.1.1 no such user") and session is None
         await wait_until(lambda: _no_session_open(dropping))
@@ -262,12 +262,12 @@ class TestSessionReuse:
     async def test_a_drop_noticed_only_at_mail_is_retried_on_a_new_session(self, dropping, monkeypatch):
         """The relay may hang up just after the idle check: MAIL then fails, and a new session takes the message."""
         config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
-        first, session = await asyncio.to_thread(relay_module.deliver, None, config, "gw.example.test",
+        first, session = await asyncio.to_thread(relay_module.deliver, None, config, None, "gw.example.test",
                                                  "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
         assert first.sent and session is not None
         await dropping.drop()
         monkeypatch.setattr(relay_module, "_idle_and_open", lambda client: True)
-        second, again = await asyncio.to_thread(relay_module.deliver, session, config, "gw.example.test",
+        second, again = await asyncio.to_thread(relay_module.deliver, session, config, None, "gw.example.test",
                                                 "a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")
         assert second.sent and again is not None and again is not session
         assert dropping.sessions == 2 and len(dropping.delivered) == 2

@@ -23,8 +23,10 @@ def free_port() -> int:
 def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, metrics_port: int | None = None,
                 extra: str = "", limits: str = "", retry: str = "{first: 0.2s, max: 1s, give_up: 1h}",
                 routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None,
-                tls: tuple[Path, Path] | None = None, relay_timeout: str = "5s", relay_concurrency: int = 4) -> str:
-    """A complete config for tests; ``extra``/``limits`` append YAML at top level / under limits."""
+                tls: tuple[Path, Path] | None = None, relay_timeout: str = "5s", relay_concurrency: int = 4,
+                relay_extra: str = "") -> str:
+    """A complete config for tests; ``extra``/``limits``/``relay_extra`` append YAML at top level / under
+    limits / under relay."""
     socket_listener = f'  - {{protocol: lmtp, address: "unix:{lmtp_socket}", name: lmtp-socket}}\n' \
         if lmtp_socket else ""
     smtp_tls = f', tls: {{cert_file: "{tls[0]}", key_file: "{tls[1]}"}}' if tls else ""
@@ -47,6 +49,7 @@ def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, m
           retry: {retry}
           timeout: {relay_timeout}
           concurrency: {relay_concurrency}
+        """) + relay_extra + textwrap.dedent(f"""\
         teams:
           - {{name: support, supervisor: lead@example.test}}
           - {{name: security, supervisor: ciso@example.test}}
