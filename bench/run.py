@@ -107,6 +107,28 @@ class Gatewayd:
         return [sent - received for received, sent in rows], accepted, len(rows) / span if span else 0.0
 
 
+class NoopServer:
+    """aiosmtpd answering 250 to every message (``noop_server.py``): the ceiling of any aiosmtpd-based daemon."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(REPO / "bench" / "noop_server.py"), str(self.port)],
+                                        cwd=REPO, stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process else []
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
 def postfix_delays(log: Path) -> list[float]:
     """Postfix's own ``delay=`` (arrival to delivery) for every message it relayed."""
     return [float(m.group(1)) for m in re.finditer(r"delay=([0-9.]+),[^\n]*status=sent", log.read_text())] \
@@ -127,8 +149,8 @@ def run_cell(target: str, port: int, pids, size: int, sessions: int) -> tuple[fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--targets", default="smtp-sink,postfix,gatewayd",
-                        help="comma-separated subset of smtp-sink,postfix,gatewayd (to iterate on one cell)")
+    parser.add_argument("--targets", default="smtp-sink,aiosmtpd,postfix,gatewayd",
+                        help="comma-separated subset of smtp-sink,aiosmtpd,postfix,gatewayd (to iterate on one cell)")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of: 4 KB,100 KB")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="e.g. 10,50")
     parser.add_argument("--no-extras", action="store_true",
@@ -147,10 +169,12 @@ def main() -> int:
     postfix = Postfix(scratch_dir("pf-bench-"), free_port(), settings={
         "relayhost": f"[127.0.0.1]:{relay_sink.port}", "default_process_limit": "200",
         "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0"})
+    noop = NoopServer(free_port())
     dns_port = free_port()
     resolver = subprocess.Popen([sys.executable, str(REPO / "bench" / "dns_stub.py"), str(dns_port)], cwd=REPO)
     try:
         ceiling.start()
+        noop.start()
         relay_sink.start()
         postfix.start()
         disk = math.nan if args.no_extras else fsync_rate(scratch_dir("fsync-"))
@@ -162,6 +186,11 @@ def main() -> int:
                     rate, samples, rss = run_cell("smtp-sink", ceiling.port, lambda: [ceiling.process.pid], size,
                                                   sessions)
                     cells.append(Cell("smtp-sink", label, sessions, rate, percentile(samples, .5),
+                                      percentile(samples, .99), rss))
+
+                if "aiosmtpd" in targets:
+                    rate, samples, rss = run_cell("aiosmtpd", noop.port, noop.pids, size, sessions)
+                    cells.append(Cell("aiosmtpd", label, sessions, rate, percentile(samples, .5),
                                       percentile(samples, .99), rss))
 
                 if "postfix" in targets:
@@ -211,6 +240,7 @@ def main() -> int:
         resolver.terminate()
         resolver.wait(10)
         postfix.stop()
+        noop.stop()
         relay_sink.stop()
         ceiling.stop()
 
@@ -227,19 +257,21 @@ def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: 
 
     by_key = {(c.target, c.size, c.sessions): c for c in cells}
     lines = [("| target | size | conc | msg/s | p50 to 250 (ms) | p99 to 250 (ms) | e2e p50 (ms) | e2e p99 (ms) "
-              "| peak PSS (MB) | gw/postfix | gw/smtp-sink | commits/msg | pipeline msg/s |"),
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "| peak PSS (MB) | gw/postfix | gw/aiosmtpd | gw/smtp-sink | commits/msg | pipeline msg/s |"),
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for c in cells:
-        ratio_pf = ratio_sink = commits = drained = ""
+        ratio_pf = ratio_noop = ratio_sink = commits = drained = ""
         if c.target == "gatewayd":
             postfix = by_key.get(("postfix", c.size, c.sessions))
+            noop = by_key.get(("aiosmtpd", c.size, c.sessions))
             sink = by_key.get(("smtp-sink", c.size, c.sessions))
             ratio_pf = f"{c.rate / postfix.rate:.2f}" if postfix else ""
+            ratio_noop = f"{c.rate / noop.rate:.2f}" if noop else ""
             ratio_sink = f"{c.rate / sink.rate:.2f}" if sink else ""
             commits = f"{c.extra['commits_per_message']:.2f}"
             drained = f"{c.extra['drained']:.0f}"
         lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
-                     f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_sink} | {commits} | {drained} |")
+                     f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_noop} | {ratio_sink} | {commits} | {drained} |")
     lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
               (f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
                f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms"),
