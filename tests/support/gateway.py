@@ -24,7 +24,8 @@ def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, m
                 extra: str = "", limits: str = "", retry: str = "{first: 0.2s, max: 1s, give_up: 1h}",
                 routing: str = "  - plugin: round_robin\n", lmtp_socket: str | None = None,
                 tls: tuple[Path, Path] | None = None, relay_timeout: str = "5s", relay_concurrency: int = 4,
-                relay_extra: str = "") -> str:
+                relay_extra: str = "",
+                supervisors: tuple[str, str] = ("lead@example.test", "ciso@example.test")) -> str:
     """A complete config for tests; ``extra``/``limits``/``relay_extra`` append YAML at top level / under
     limits / under relay."""
     socket_listener = f'  - {{protocol: lmtp, address: "unix:{lmtp_socket}", name: lmtp-socket}}\n' \
@@ -51,8 +52,8 @@ def config_text(tmp: Path, *, smtp_port: int, lmtp_port: int, relay_port: int, m
           concurrency: {relay_concurrency}
         """) + relay_extra + textwrap.dedent(f"""\
         teams:
-          - {{name: support, supervisor: lead@example.test}}
-          - {{name: security, supervisor: ciso@example.test}}
+          - {{name: support, supervisor: {supervisors[0]}}}
+          - {{name: security, supervisor: {supervisors[1]}}}
         agents:
           - {{name: alice, address: alice@agents.example.test, teams: [support]}}
           - {{name: bob, address: bob@agents.example.test, teams: [support]}}
