@@ -33,7 +33,7 @@ from .outgoing import enqueue
 from .relay import Relay, SendResult
 from .reoffer import reoffer
 from .store import OutboxItem, Part, Store, Tx, Writes, add_event, event_statement
-from .webhook import post as post_webhook
+from .webhook import Webhooks
 
 log = logging.getLogger("gatewayd.outbox")
 
@@ -69,6 +69,7 @@ class Outbox:
         self._results: list[tuple[OutboxItem, SendResult, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
         self._relay = Relay(config.relay, config.hostname)
+        self._webhooks = Webhooks(config.relay.concurrency, config.relay.timeout)
         self._ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
         self._signer = Signer.from_config(config.dkim) if config.dkim else None
 
@@ -104,6 +105,7 @@ class Outbox:
         if self._recorder is not None:
             await asyncio.wait({self._recorder})
         await self._relay.close()
+        self._webhooks.close()
 
     @property
     def _free(self) -> int:
@@ -203,7 +205,7 @@ class Outbox:
             # would block the loop; receipts and replies are signed when built.
             content = await asyncio.to_thread(self._signer.sign, content)
         if item.kind == "webhook":
-            return await post_webhook(item.rcpt, content, self.config.relay.timeout)
+            return await self._webhooks.post(item.rcpt, content)
         return await self._relay.send(item.mail_from, item.rcpt, content)
 
     def _record(self, item: OutboxItem, result: SendResult) -> Part:

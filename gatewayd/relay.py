@@ -247,8 +247,3 @@ class Relay:
         self._closing.add(future)
         future.add_done_callback(self._closing.discard)
 
-
-async def send(relay: RelayConfig, helo: str, mail_from: str, rcpt: str, content: bytes) -> SendResult:
-    """One message on a session of its own (the outbox uses :class:`Relay`, which reuses them)."""
-    return await asyncio.to_thread(send_blocking, relay, helo, mail_from, rcpt, content)
-
