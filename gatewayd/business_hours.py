@@ -16,8 +16,102 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_SPAN = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+_SPAN = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+_DAY_MINUTES = 24 * 60
 _MAX_DAYS = 400  # a year of holidays cannot make the search run away
+
+Week = tuple[tuple[tuple[int, int], ...], ...]
+"""Opening spans per weekday (index 0 = Monday): ``(begin, end)`` in minutes from local midnight, sorted,
+not overlapping, ``end`` up to 1440."""
+
+
+class HoursError(ValueError):
+    """An hours mapping that does not parse; ``key`` is the day entry at fault."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def parse_hours(hours: Mapping[str, Any]) -> Week:
+    """Working hours per weekday, in the one grammar of ``business_hours.hours`` and the ``schedule`` plugin.
+
+    Keys are days (``mon``..``sun``), ranges that may wrap (``mon-fri``,
+    ``fri-mon``) and comma lists (``sat,sun``). A value is a time range
+    ``"HH:MM-HH:MM"``, several (a list, or one string with commas), or
+    ``off``. Entries apply in order: ranges add to their days, ``off`` closes
+    them (``{mon-sun: "09:00-17:00", sun: off}``). A range that ends before it
+    starts runs past midnight (``"22:00-06:00"``: to 24:00, and from 00:00 the
+    next day). Spans of one day that overlap or touch are merged; a mapping
+    with no span at all parses to a week that is never open.
+    """
+    shifts: list[list[tuple[int, int]]] = [[] for _ in _DAYS]
+    for key, value in hours.items():
+        days = _days(str(key))
+        spans = _spans(str(key), value)
+        for day in days:
+            if spans:
+                shifts[day].extend(spans)
+            else:
+                shifts[day].clear()
+    week: list[list[tuple[int, int]]] = [[] for _ in _DAYS]
+    for day, spans in enumerate(shifts):
+        for begin, end in spans:
+            if begin < end:
+                week[day].append((begin, end))
+            else:
+                week[day].append((begin, _DAY_MINUTES))
+                if end:
+                    week[(day + 1) % 7].append((0, end))
+    return tuple(_merged(spans) for spans in week)
+
+
+def is_open(week: Week, local: datetime) -> bool:
+    """Whether ``local`` (a time in the hours' own zone) falls in one of its day's spans."""
+    minute = local.hour * 60 + local.minute
+    return any(begin <= minute < end for begin, end in week[local.weekday()])
+
+
+def _days(key: str) -> list[int]:
+    days: list[int] = []
+    for part in key.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in _DAYS or (last and last not in _DAYS):
+            raise HoursError(key, "is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")
+        start, stop = _DAYS.index(first), _DAYS.index(last or first)
+        days.extend((start + i) % 7 for i in range((stop - start) % 7 + 1))
+    return days
+
+
+def _spans(key: str, value: Any) -> list[tuple[int, int]]:
+    if value in ("off", False, None):
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    spans = []
+    for item in items:
+        if not isinstance(item, str):
+            raise HoursError(key, f'{item!r} is not a time range such as "09:00-17:00" (quote it in YAML)')
+        for part in (p for p in item.split(",") if p.strip()):
+            match = _SPAN.match(part)
+            if match is None:
+                raise HoursError(key, f'{part.strip()!r} is not a time range such as "09:00-17:00"')
+            h1, m1, h2, m2 = (int(g) for g in match.groups())
+            begin, end = h1 * 60 + m1, h2 * 60 + m2
+            if h1 > 23 or m1 > 59 or m2 > 59 or end > _DAY_MINUTES or begin == end:
+                raise HoursError(key, f"{part.strip()!r} is not a time range of a day (HH:MM-HH:MM, up to 24:00)")
+            spans.append((begin, end))
+    return spans
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return tuple(merged)
 
 
 @dataclass(frozen=True)
@@ -25,7 +119,7 @@ class BusinessHours:
     """Opening hours per weekday (0 = Monday) as minute spans, in ``timezone``, minus holidays."""
 
     timezone: str
-    week: tuple[tuple[tuple[int, int], ...], ...]
+    week: Week
     holidays: frozenset[date] = frozenset()
 
     @property
@@ -66,51 +160,11 @@ def parse_timezone(value: str) -> str:
     return value
 
 
-def parse_week(hours: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """``{mon-fri: "09:00-17:00", sat: "10:00-12:00, 13:00-14:00"}`` into spans per weekday."""
-    week: list[list[tuple[int, int]]] = [[] for _ in _DAYS]
-    for key, value in hours.items():
-        days = _day_range(str(key))
-        spans = [_span(part.strip()) for part in str(value).split(",") if part.strip()]
-        for day in days:
-            week[day].extend(spans)
-    for spans in week:
-        spans.sort()
-        for (_, end), (begin, _) in zip(spans, spans[1:]):
-            if begin < end:
-                raise ValueError("opening hours of one day overlap")
-    if not any(week):
-        raise ValueError("needs at least one opening span")
-    return tuple(tuple(spans) for spans in week)
-
-
 def parse_holidays(values: list[Any]) -> frozenset[date]:
     try:
         return frozenset(date.fromisoformat(str(v)) for v in values)
     except ValueError as exc:
         raise ValueError(f"holidays must be dates like 2025-12-25 ({exc})") from None
-
-
-def _day_range(key: str) -> list[int]:
-    first, _, last = key.lower().partition("-")
-    if first not in _DAYS or (last and last not in _DAYS):
-        raise ValueError(f"{key!r} is not a day or day range such as mon-fri")
-    start = _DAYS.index(first)
-    stop = _DAYS.index(last) if last else start
-    if stop < start:
-        raise ValueError(f"{key!r}: a day range runs forward, e.g. mon-fri")
-    return list(range(start, stop + 1))
-
-
-def _span(text: str) -> tuple[int, int]:
-    match = _SPAN.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a span such as 09:00-17:00")
-    h1, m1, h2, m2 = (int(g) for g in match.groups())
-    begin, end = h1 * 60 + m1, h2 * 60 + m2
-    if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or end > 24 * 60 or begin >= end:
-        raise ValueError(f"{text!r} is not a span of one day (start before end, up to 24:00)")
-    return begin, end
 
 
 def expected_by(received: datetime, target: float, hours: BusinessHours | None,

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from .addresses import AddressError, parse_mailbox
-from .business_hours import BusinessHours, parse_holidays, parse_timezone, parse_week
+from .business_hours import BusinessHours, Week, parse_holidays, parse_hours, parse_timezone
 from .errors import ConfigError, ConfigIssue
 from .units import DAYS, HOURS, KB, MB, MINUTES, SECONDS, parse_duration, parse_size
 
@@ -776,23 +776,32 @@ def _pattern(value: Any) -> str:
 
 
 def _business_hours(r: _Reader, data: Mapping[str, Any]) -> BusinessHours | None:
-    section = r.section(data, "business_hours", "business_hours", {"timezone", "hours", "holidays"})
-    if not section:
+    return _hours_section(r, data.get("business_hours"), "business_hours")
+
+
+def _hours_section(r: _Reader, raw: Any, path: str) -> BusinessHours | None:
+    """``timezone``, ``hours`` and ``holidays``: the top-level ``business_hours`` and a team's own."""
+    if raw is None:
         return None
-    zone = r.value(section, "timezone", "business_hours.timezone", lambda v: parse_timezone(_text(v)), None,
-                   required=True)
-    week = r.value(section, "hours", "business_hours.hours", _week, None, required=True)
-    holidays = r.value(section, "holidays", "business_hours.holidays", lambda v: parse_holidays(_list(v)),
-                       frozenset())
+    if not isinstance(raw, dict):
+        r.error(path, f"must be a mapping, not {_kind(raw)}")
+        return None
+    r.unknown(raw, path, {"timezone", "hours", "holidays"})
+    zone = r.value(raw, "timezone", f"{path}.timezone", lambda v: parse_timezone(_text(v)), None, required=True)
+    week = r.value(raw, "hours", f"{path}.hours", _week, None, required=True)
+    holidays = r.value(raw, "holidays", f"{path}.holidays", lambda v: parse_holidays(_list(v)), frozenset())
     if zone is None or week is None:
         return None
     return BusinessHours(timezone=zone, week=week, holidays=holidays)
 
 
-def _week(value: Any) -> tuple[tuple[tuple[int, int], ...], ...]:
+def _week(value: Any) -> Week:
     if not isinstance(value, dict):
         raise ValueError(f"must be a mapping of days to spans (mon-fri: \"09:00-17:00\"), not {_kind(value)}")
-    return parse_week(value)
+    week = parse_hours(value)
+    if not any(week):
+        raise ValueError("needs at least one opening span (a week that is never open has no answer time)")
+    return week
 
 
 def _dkim(r: _Reader, data: Mapping[str, Any]) -> DkimConfig | None:
@@ -918,7 +927,7 @@ def _sla(r: _Reader, data: Mapping[str, Any]) -> SlaConfig:
             overrides[key][str(name)] = SlaTargets(
                 ack=r.value(item, "ack", f"{path}.ack", _positive_duration, None),
                 first_response=r.value(item, "first_response", f"{path}.first_response", _positive_duration, None),
-                business_hours=_calendar(r, item, f"{path}.business_hours"))
+                business_hours=_hours_section(r, item.get("business_hours"), f"{path}.business_hours"))
     webhook = r.value(sla, "webhook", "sla.webhook", _text, None)
     if webhook is not None and not re.match(r"^https?://[^\s/]+", webhook):
         r.error("sla.webhook", "must be an http:// or https:// URL")
@@ -930,21 +939,3 @@ def _sla(r: _Reader, data: Mapping[str, Any]) -> SlaConfig:
         webhook=webhook,
         scan_interval=r.value(sla, "scan_interval", "sla.scan_interval", _positive_duration, d.scan_interval),
     )
-
-
-def _calendar(r: _Reader, item: Mapping[str, Any], path: str) -> "BusinessHours | None":
-    """A team's own business hours, in the same shape as the top-level ``business_hours``."""
-    from .business_hours import BusinessHours, parse_holidays, parse_timezone, parse_week
-
-    raw = item.get("business_hours")
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        r.error(path, f"must be a mapping, not {_kind(raw)}")
-        return None
-    r.unknown(raw, path, {"timezone", "hours", "holidays"})
-    zone = r.value(raw, "timezone", f"{path}.timezone", lambda v: parse_timezone(_text(v)), None, required=True)
-    week = r.value(raw, "hours", f"{path}.hours", lambda v: parse_week(v) if isinstance(v, dict) else
-                   parse_week({}), None, required=True)
-    holidays = r.value(raw, "holidays", f"{path}.holidays", lambda v: parse_holidays(_list(v)), frozenset())
-    return BusinessHours(timezone=zone, week=week, holidays=holidays) if zone and week else None

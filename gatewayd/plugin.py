@@ -21,12 +21,13 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal, Protocol
 
+from .business_hours import HoursError, Week, is_open, parse_hours
 from .units import parse_duration
 
 __all__ = [
     "API_VERSION", "PRIORITIES", "Priority", "TicketView", "MessageView", "AgentView",
     "Decision", "Plugin", "PluginContext", "PluginState", "PluginStateStore", "Options",
-    "OptionError", "OptionProblem", "REQUIRED",
+    "OptionError", "OptionProblem", "REQUIRED", "Week", "HoursError", "parse_hours", "is_open",
 ]
 
 API_VERSION: Final = 1

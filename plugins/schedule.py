@@ -16,28 +16,24 @@ Options::
         alice: {hours: {mon-thu: "07:00-15:00"}, holidays: ["2024-08-12"]}
 
 Hours are looked up agent first, then the candidate team, then the default;
-an agent with no hours anywhere is always on duty. Days are ``mon``..``sun``,
-ranges (``mon-fri``, ``fri-mon``) and comma lists; a day's value is a range
-``HH:MM-HH:MM`` (``22:00-06:00`` runs past midnight), a list of ranges, or
-``off``. Away agents never reach this plugin: the dispatcher removes them.
+an agent with no hours anywhere is always on duty. They are written as
+gatewayd's ``business_hours.hours`` are (``parse_hours`` of the plugin API):
+days ``mon``..``sun``, ranges (``mon-fri``, ``fri-mon``) and comma lists; a
+day's value is a range ``HH:MM-HH:MM`` (``22:00-06:00`` runs past midnight), a
+list of ranges, or ``off`` (closes the days; entries apply in order). Away
+agents never reach this plugin: the dispatcher removes them.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gatewayd.plugin import API_VERSION, AgentView, Decision, MessageView, Options, Plugin, PluginContext, TicketView
-
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_RANGE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
-
-Span = tuple[int, int]
-Week = dict[int, tuple[Span, ...]]
+from gatewayd.plugin import (API_VERSION, AgentView, Decision, HoursError, MessageView, Options, Plugin, PluginContext,
+                             TicketView, Week, is_open, parse_hours)
 
 
 @dataclass(frozen=True)
@@ -86,12 +82,8 @@ class Schedule(Plugin):
         week = own.week if own.week is not None else team_cal.week if team_cal.week is not None else self.default.week
         if week is None:
             return Duty(True, "no working hours set")
-        minute = local.hour * 60 + local.minute
-        today, yesterday = local.weekday(), (local.weekday() - 1) % 7
-        if any(start <= minute < end or (end <= start and minute >= start) for start, end in week.get(today, ())):
+        if is_open(week, local):
             return Duty(True, f"{local:%a %H:%M} local")
-        if any(end <= start and minute < end for start, end in week.get(yesterday, ())):
-            return Duty(True, f"{local:%a %H:%M} local (night shift)")
         return Duty(False, f"{local:%a %H:%M} local is outside working hours")
 
     def route(self, context: PluginContext, ticket: TicketView, message: MessageView,
@@ -155,45 +147,11 @@ def _week(options: Options, path: str, raw: Any) -> Week | None:
     if not isinstance(raw, Mapping):
         options.error(path, 'must map days to hours, e.g. {mon-fri: "09:00-17:00"}')
         return None
-    week: dict[int, list[Span]] = {}
-    for spec, value in raw.items():
-        days = _days(str(spec))
-        if days is None:
-            options.error(f"{path}.{spec}", "is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")
-            continue
-        spans = _spans(options, f"{path}.{spec}", value)
-        for day in days:
-            week.setdefault(day, []).extend(spans)
-    return {day: tuple(spans) for day, spans in week.items()}
-
-
-def _days(spec: str) -> list[int] | None:
-    result: list[int] = []
-    for part in spec.lower().replace(" ", "").split(","):
-        first, _, last = part.partition("-")
-        if first not in _DAYS or (last and last not in _DAYS):
-            return None
-        start, end = _DAYS.index(first), _DAYS.index(last or first)
-        result.extend((start + i) % 7 for i in range((end - start) % 7 + 1))
-    return result
-
-
-def _spans(options: Options, path: str, value: Any) -> list[Span]:
-    if value in ("off", False, None):
-        return []
-    items = value if isinstance(value, (list, tuple)) else [value]
-    spans: list[Span] = []
-    for item in items:
-        match = _RANGE.match(str(item)) if isinstance(item, str) else None
-        if match is None:
-            options.error(path, f'{item!r} is not a time range such as "09:00-17:00" (quote it in YAML)')
-            continue
-        h1, m1, h2, m2 = (int(g) for g in match.groups())
-        if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2) or (h1, m1) == (h2, m2):
-            options.error(path, f"{item!r} is not a valid time range")
-            continue
-        spans.append((h1 * 60 + m1, h2 * 60 + m2))
-    return spans
+    try:
+        return parse_hours(raw)
+    except HoursError as exc:
+        options.error(f"{path}.{exc.key}", exc.reason)
+        return None
 
 
 def _holidays(options: Options, path: str, raw: Any) -> frozenset[date]:

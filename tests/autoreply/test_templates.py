@@ -9,14 +9,14 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gatewayd import config as config_module
-from gatewayd.business_hours import BusinessHours, describe, expected_by, parse_week
+from gatewayd.business_hours import BusinessHours, HoursError, describe, expected_by, is_open, parse_hours
 from gatewayd.errors import ConfigError
 from gatewayd.receipt import ReceiptContext, build, check_headers
 from gatewayd.templates import load_templates
 from tests.autoreply.conftest import TEMPLATES
 
 BERLIN = ZoneInfo("Europe/Berlin")
-OFFICE = BusinessHours("Europe/Berlin", parse_week({"mon-fri": "09:00-17:00"}))
+OFFICE = BusinessHours("Europe/Berlin", parse_hours({"mon-fri": "09:00-17:00"}))
 HOUR = 3600.0
 
 
@@ -39,7 +39,7 @@ class TestExpectedTime:
         assert expected_by(berlin(2025, 1, 14, 9, 0), 8 * HOUR, OFFICE) == berlin(2025, 1, 14, 17, 0)
 
     def test_holidays_are_skipped(self) -> None:
-        hours = BusinessHours("Europe/Berlin", parse_week({"mon-fri": "09:00-17:00"}),
+        hours = BusinessHours("Europe/Berlin", parse_hours({"mon-fri": "09:00-17:00"}),
                               frozenset({datetime(2025, 1, 13).date()}))
         assert expected_by(berlin(2025, 1, 10, 16, 0), 2 * HOUR, hours) == berlin(2025, 1, 14, 10, 0)
 
@@ -55,15 +55,53 @@ class TestExpectedTime:
         start = berlin(2025, 1, 10, 15, 0)
         assert describe(expected_by(start, 80 * HOUR, OFFICE), start) == "Friday 24 January 15:00 CET"
 
-    @pytest.mark.parametrize("hours, message", [
-        ({"mon-fri": "17:00-09:00"}, "start before end"),
-        ({"fri-mon": "09:00-17:00"}, "runs forward"),
-        ({"mon": "09:00-12:00, 11:00-13:00"}, "overlap"),
-        ({"funday": "09:00-17:00"}, "not a day"),
+    def test_a_night_desk_counts_across_midnight(self) -> None:
+        night = BusinessHours("Europe/Berlin", parse_hours({"mon-fri": "22:00-06:00"}))
+        assert expected_by(berlin(2025, 1, 13, 23, 0), 2 * HOUR, night) == berlin(2025, 1, 14, 1, 0)
+        assert expected_by(berlin(2025, 1, 14, 12, 0), 1 * HOUR, night) == berlin(2025, 1, 14, 23, 0)
+        friday_night = expected_by(berlin(2025, 1, 17, 23, 0), 8 * HOUR, night)
+        assert friday_night == berlin(2025, 1, 20, 23, 0), "Friday's shift ends Saturday 06:00; Monday's is next"
+
+    def test_overlapping_spans_count_once(self) -> None:
+        hours = BusinessHours("Europe/Berlin", parse_hours({"mon-fri": "09:00-12:00, 11:00-13:00"}))
+        assert hours.week[0] == ((540, 780),)
+        assert expected_by(berlin(2025, 1, 13, 9, 0), 5 * HOUR, hours) == berlin(2025, 1, 14, 10, 0)
+
+
+class TestHoursGrammar:
+    """One grammar for business_hours.hours and the schedule plugin's hours."""
+
+    def test_days_ranges_that_wrap_lists_and_off(self) -> None:
+        week = parse_hours({"fri-mon": "10:00-14:00", "tue,thu": ["08:00-09:00", "17:00-18:00"], "sun": "off"})
+        assert week == (((600, 840),), ((480, 540), (1020, 1080)), (), ((480, 540), (1020, 1080)),
+                        ((600, 840),), ((600, 840),), ())
+
+    def test_off_closes_days_opened_before_it_and_their_night_shift(self) -> None:
+        week = parse_hours({"mon-sun": "22:00-06:00", "sat,sun": "off"})
+        assert week[5] == ((0, 360),), "Friday's shift still ends Saturday morning"
+        assert week[6] == () and week[0] == ((1320, 1440),)
+
+    def test_a_range_past_midnight_ends_the_next_morning(self) -> None:
+        week = parse_hours({"sun": "22:00-06:00"})
+        assert week[6] == ((1320, 1440),) and week[0] == ((0, 360),)
+        assert is_open(week, berlin(2025, 1, 13, 5, 59)) and not is_open(week, berlin(2025, 1, 13, 6, 0))
+
+    def test_whole_days(self) -> None:
+        week = parse_hours({"mon-sun": "00:00-24:00"})
+        assert all(day == ((0, 1440),) for day in week)
+        assert is_open(week, berlin(2025, 1, 15, 23, 59))
+
+    @pytest.mark.parametrize("hours, key, message", [
+        ({"funday": "09:00-17:00"}, "funday", "not a day"),
+        ({"mon": "9-5"}, "mon", "not a time range"),
+        ({"mon": "09:00-09:00"}, "mon", "not a time range of a day"),
+        ({"mon": "08:00-24:30"}, "mon", "not a time range of a day"),
+        ({"mon-fri": 900}, "mon-fri", "quote it in YAML"),
     ])
-    def test_bad_hours_are_refused(self, hours, message) -> None:
-        with pytest.raises(ValueError, match=message):
-            parse_week(hours)
+    def test_bad_hours_name_the_day_entry(self, hours, key, message) -> None:
+        with pytest.raises(HoursError, match=message) as caught:
+            parse_hours(hours)
+        assert caught.value.key == key
 
 
 def context(**changes: object) -> ReceiptContext:
@@ -144,6 +182,15 @@ class TestConfig:
         assert [p for p, _, _ in found] == ["autoreply.rate.per_sender", "autoreply.suppress_senders",
                                             "authentication.unauthenticated", "business_hours.timezone",
                                             "business_hours.hours"]
+
+    def test_business_hours_that_are_never_open_and_bad_days_are_refused_by_key(self, tmp_path) -> None:
+        found = issues("business_hours: {timezone: Europe/Berlin, hours: {mon-sun: 'off'}}\n"
+                       "sla:\n  teams:\n    t:\n      business_hours: {timezone: UTC, hours: {funday: '09:00-17:00'}}\n",
+                       tmp_path)
+        assert [(p, m) for p, _, m in found] == [
+            ("business_hours.hours", "needs at least one opening span (a week that is never open has no answer time)"),
+            ("sla.teams.t.business_hours.hours",
+             "funday: is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")]
 
     def test_the_shipped_example_enables_receipts_with_its_templates(self) -> None:
         from tests.support.gateway import REPO
