@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import resource
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gatewayd import relay as relay_module
 from gatewayd.config import Endpoint, RelayConfig
@@ -195,8 +194,9 @@ class DroppingRelay(ScriptedRelay):
         finally:
             self.open.discard(writer)
 
-    async def drop(self) -> None:
+    async def drop(self, last_words: bytes = b"") -> None:
         for writer in list(self.open):
+            writer.write(last_words)
             writer.close()
         await asyncio.sleep(0.1)
 
@@ -235,6 +235,24 @@ class TestSessionReuse:
         await wait_until(lambda: _all_sent(gw.store))
         assert all(i.attempts == 1 for i in await gw.store.outbox(states=("sent",)))
 
+    async def test_a_421_the_relay_sent_before_hanging_up_costs_no_attempt_either(self, gateway_factory,
+                                                                                     dropping):
+        gw = await gateway_factory(relay_port=dropping.port)
+        await send_message(gw.smtp_port, message("first", message_id="<q1@c.test>"))
+        await delivered(dropping, 1)
+        await dropping.drop(b"421 4.4.2 relay.test idle too long, closing\r\n")
+        await send_message(gw.smtp_port, message("second", message_id="<q2@c.test>"))
+        await delivered(dropping, 2)
+        await wait_until(lambda: _all_sent(gw.store))
+        assert all(i.attempts == 1 for i in await gw.store.outbox(states=("sent",)))
+
+    async def test_a_relay_that_does_not_speak_smtp_is_retried_later(self, dropping):
+        dropping.script = Script(answers={"mail": "hello there"})
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        result = await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+        assert result.outcome == "retry" and result.reply.startswith("ProtocolError: not an SMTP reply")
+        assert pool.idle_sessions == 0
+
     async def test_sessions_are_closed_when_idle_and_at_shutdown(self, dropping):
         config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0, concurrency=2)
         pool = Relay(config, "gw.example.test", idle_seconds=0.3)
@@ -253,25 +271,64 @@ class TestSessionReuse:
 
     async def test_a_refusal_ends_the_session(self, dropping):
         dropping.script = Script(answers={"rcpt": "550 5.1.1 no such user"})
-        config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
-        result, session = await asyncio.to_thread(relay_module.deliver, None, config, None, "gw.example.test",
-                                                  "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
-        assert result == relay_module.SendResult("failed", "550 5.1.1 no such user") and session is None
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        result = await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+        assert result == relay_module.SendResult("failed", "550 5.1.1 no such user")
+        assert pool.idle_sessions == 0
         await wait_until(lambda: _no_session_open(dropping))
 
     async def test_a_drop_noticed_only_at_mail_is_retried_on_a_new_session(self, dropping, monkeypatch):
         """The relay may hang up just after the idle check: MAIL then fails, and a new session takes the message."""
-        config = RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0)
-        first, session = await asyncio.to_thread(relay_module.deliver, None, config, None, "gw.example.test",
-                                                 "a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
-        assert first.sent and session is not None
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")).sent
         await dropping.drop()
-        monkeypatch.setattr(relay_module, "_idle_and_open", lambda client: True)
-        second, again = await asyncio.to_thread(relay_module.deliver, session, config, None, "gw.example.test",
-                                                "a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")
-        assert second.sent and again is not None and again is not session
+        monkeypatch.setattr(relay_module.Session, "usable", property(lambda session: True))
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")).sent
         assert dropping.sessions == 2 and len(dropping.delivered) == 2
-        await asyncio.to_thread(relay_module.close_session, again)
+        await pool.close()
+
+    @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-at-a-time"])
+    async def test_each_stage_refused_is_reported_with_the_relays_words(self, dropping, pipelining):
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        for stage, answer, outcome in [("mail", "451 4.3.0 try later", "retry"),
+                                       ("rcpt", "550 5.1.1 no such user", "failed"),
+                                       ("data", "554 5.5.1 no valid recipients", "failed"),
+                                       ("end", "552 5.3.4 too big", "failed")]:
+            dropping.script = Script(answers={stage: answer}, pipelining=pipelining)
+            result = await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+            assert result == relay_module.SendResult(outcome, answer), stage
+        dropping.script = Script(pipelining=pipelining)
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")).sent
+        assert dropping.delivered == [b"Subject: 2\r\n\r\nx\r\n"]
+        await pool.close()
+
+    async def test_a_non_ascii_address_needs_smtputf8_and_8bit_content_is_declared(self, dropping):
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        assert (await pool.send("a@x.test", "jörg@y.test", "Subject: ä\r\n\r\nö\r\n".encode())).sent
+        assert dropping.delivered == ["Subject: ä\r\n\r\nö\r\n".encode()]
+        assert dropping.mail_commands == [b"MAIL FROM:<a@x.test> BODY=8BITMIME SMTPUTF8"]
+        await pool.close()
+
+
+class TestDotStuffing:
+    @pytest.mark.parametrize("content, sent", [
+        (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+        (b".a\r\n", b"..a\r\n.\r\n"),
+        (b"a\r\n.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+        (b"a\n.\r\nb\rc", b"a\r\n..\r\nb\r\nc\r\n.\r\n"),
+    ], ids=["leading-dot", "first-line", "a-lone-dot-line", "bare-lf-and-cr"])
+    def test_content_can_never_end_the_data_early(self, content: bytes, sent: bytes) -> None:
+        assert relay_module.dot_stuffed(content) == sent
+
+    @given(st.binary(max_size=300))
+    def test_the_relay_reads_back_exactly_the_lines_sent(self, content: bytes) -> None:
+        """Whatever the content, un-stuffing what goes on the wire gives its lines back, and it ends only once."""
+        wire = relay_module.dot_stuffed(content)
+        assert wire.endswith(b"\r\n.\r\n") and wire.count(b"\r\n.\r\n") == 1 or wire == b".\r\n"
+        body = wire[:-3]
+        lines = [line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n")[:-1]]
+        normal = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        assert lines == (normal[:-1] if normal.endswith(b"\n") else normal).split(b"\n") or not content
 
 
 async def _all_sent(store: Store) -> bool:
@@ -281,27 +338,3 @@ async def _all_sent(store: Store) -> bool:
 
 async def _no_session_open(relay: DroppingRelay) -> bool:
     return not relay.open
-
-
-class _Client:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-
-def test_idle_sessions_are_checked_on_descriptors_above_1023() -> None:
-    """A busy daemon's relay sockets get high numbers; select() refused those and every send reconnected."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
-    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-    ours, theirs = socket.socketpair()
-    try:
-        assert ours.fileno() > 1023
-        assert relay_module._idle_and_open(_Client(ours))
-        theirs.close()
-        assert not relay_module._idle_and_open(_Client(ours))
-    finally:
-        ours.close()
-        theirs.close()
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -17,6 +17,7 @@ class Script:
 
     answers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    pipelining: bool = True  # offered in EHLO, as Postfix and most MTAs do
 
     def answer(self, stage: str, default: str) -> str:
         return self.answers.get(stage, default)
@@ -27,6 +28,7 @@ class ScriptedRelay:
         self.port = port
         self.script = script or Script()
         self.delivered: list[bytes] = []
+        self.mail_commands: list[bytes] = []
         self.sessions = 0
         self._server: asyncio.base_events.Server | None = None
 
@@ -59,8 +61,10 @@ class ScriptedRelay:
                     return
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
-                    await self._say(writer, "250-relay.test\r\n250-8BITMIME\r\n250 SMTPUTF8")
+                    pipelining = "250-PIPELINING\r\n" if self.script.pipelining else ""
+                    await self._say(writer, f"250-relay.test\r\n{pipelining}250-8BITMIME\r\n250 SMTPUTF8")
                 elif verb == b"MAIL":
+                    self.mail_commands.append(line.rstrip(b"\r\n"))
                     await self._say(writer, self.script.answer("mail", "250 2.1.0 ok"))
                 elif verb == b"RCPT":
                     await self._say(writer, self.script.answer("rcpt", "250 2.1.5 ok"))
