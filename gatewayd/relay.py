@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -33,8 +35,11 @@ from .config import RelayConfig
 
 IDLE_SECONDS = 5.0
 QUIT_SECONDS = 2.0  # how long a closing session waits for the relay's 221
+_LINE_LIMIT = 64 * 1024  # the longest reply line read
+_REPLY_LINES = 200  # the most lines of one reply (an EHLO has a dozen)
 
 log = logging.getLogger("gatewayd.relay")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,12 @@ def _classify(reply: Reply) -> SendResult:
 
 def _failure(exc: BaseException) -> SendResult:
     if isinstance(exc, _Refused):
-        return _classify(exc.reply)
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return SendResult("retry", "TimeoutError: timed out waiting for the relay (relay.timeout)")
-    return SendResult("retry", f"{type(exc).__name__}: {exc}"[:500])
+        # Refused at the banner, EHLO or STARTTLS: the relay's trouble, not this message's.
+        return SendResult("retry", str(exc.reply))
+    detail = str(exc) or ("timed out waiting for the relay (relay.timeout)" if isinstance(exc, TimeoutError)
+                          else "the relay closed the connection" if isinstance(exc, ConnectionError)
+                          else "no detail")
+    return SendResult("retry", f"{type(exc).__name__}: {detail}"[:500])
 
 
 def tls_context(relay: RelayConfig) -> ssl.SSLContext | None:
@@ -122,12 +129,13 @@ class Session:
         self.writer = writer
         self.timeout = timeout
         self.extensions: frozenset[str] = frozenset()
+        self._clear: asyncio.StreamWriter | None = None
 
     @classmethod
     async def open(cls, relay: RelayConfig, helo: str, tls: ssl.SSLContext | None) -> "Session":
         host, port = relay.address.host or "127.0.0.1", relay.address.port or 25
         async with asyncio.timeout(relay.timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, limit=_LINE_LIMIT)
         session = cls(reader, writer, relay.timeout)
         try:
             banner = await session.reply()
@@ -141,12 +149,28 @@ class Session:
                 if answer.code != 220:
                     raise _Refused(answer)
                 async with asyncio.timeout(relay.timeout):
-                    await writer.start_tls(tls, server_hostname=host)
+                    await session._upgrade(tls, host)
                 await session.hello(helo)
         except BaseException:
             session.abort()
             raise
         return session
+
+    async def _upgrade(self, tls: ssl.SSLContext, host: str) -> None:
+        """TLS on this connection, read through a new stream.
+
+        Whatever arrived in clear after the relay's 220 (a man in the middle
+        can append "250 ok" lines to it, CVE-2011-0411 in other MTAs) stays in
+        the old stream's buffer and is never read as the relay's answer.
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport = await loop.start_tls(self.writer.transport, protocol, tls, server_hostname=host)
+        protocol.connection_made(transport)  # start_tls leaves that to the protocol's owner
+        # The clear-text writer is kept: dropped, it would close the socket under the TLS stream.
+        self._clear = self.writer
+        self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def hello(self, helo: str) -> None:
         answer = await self.command(f"EHLO {helo}\r\n".encode("ascii"))
@@ -175,6 +199,8 @@ class Session:
                 texts.append(text.decode("utf-8", "replace"))
                 if more != b"-":
                     return Reply(int(code), "\n".join(texts))
+                if len(texts) >= _REPLY_LINES:
+                    raise ProtocolError(f"a reply of more than {_REPLY_LINES} lines")
 
     async def command(self, line: bytes) -> Reply:
         self.writer.write(line)
@@ -188,6 +214,8 @@ class Session:
 
     async def send(self, mail_from: str, rcpt: str, content: bytes, *, reused: bool) -> SendResult:
         """One transaction. On a reused session, a relay that had already gone raises :class:`_Stale`."""
+        if _UNSAFE.search(mail_from) or _UNSAFE.search(rcpt):
+            return SendResult("failed", "address with a control character or angle bracket: not sent")
         options = ""
         if not content.isascii() and "8BITMIME" in self.extensions:
             options += " BODY=8BITMIME"
@@ -251,6 +279,14 @@ class Session:
         self.writer.transport.abort()
 
 
+def _stamp(path: os.PathLike[str] | None) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size) if status else None
+
+
 @dataclass
 class _Idle:
     session: Session
@@ -271,6 +307,7 @@ class Relay:
         self.idle_seconds = idle_seconds
         self._clock = clock
         self._tls = tls_context(config)
+        self._ca_stamp = _stamp(config.ca_file)
         self._idle: list[_Idle] = []
         self._reaper: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -295,7 +332,7 @@ class Relay:
                 session.abort()
                 raise
         try:
-            session = await Session.open(self.config, self.helo, self._tls)
+            session = await Session.open(self.config, self.helo, self._current_tls())
         except (OSError, TimeoutError, ProtocolError, ssl.SSLError, _Refused) as exc:
             return _failure(exc)
         try:
@@ -306,6 +343,13 @@ class Relay:
         except BaseException:
             session.abort()
             raise
+
+    def _current_tls(self) -> ssl.SSLContext | None:
+        """The TLS context, rebuilt when ``relay.ca_file`` changed (a renewed relay certificate)."""
+        stamp = _stamp(self.config.ca_file)
+        if stamp != self._ca_stamp:
+            self._tls, self._ca_stamp = tls_context(self.config), stamp
+        return self._tls
 
     @property
     def idle_sessions(self) -> int:

@@ -265,6 +265,9 @@ class _Writer:
         self._waiting: deque[_Job] = deque()
         self._background: deque[_Job] = deque()
         self._wake = threading.Event()
+        # Guards the queues against the thread's last drain: a job handed over after it fails at once.
+        self._lock = threading.Lock()
+        self._dead = False
         self._closing = False
         self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -287,8 +290,12 @@ class _Writer:
 
     def submit(self, jobs: Iterable[_Job]) -> None:
         """Called on the loop; the writer takes the jobs into its next batch."""
-        for job in jobs:
-            (self._background if job.background else self._waiting).append(job)
+        with self._lock:
+            if self._dead:
+                _settle(_failed(list(jobs), StoreUnavailable("the store is closed")))
+                return
+            for job in jobs:
+                (self._background if job.background else self._waiting).append(job)
         self._wake.set()
 
     def control(self, conn: sqlite3.Connection, sql: str) -> None:
@@ -301,18 +308,24 @@ class _Writer:
         try:
             conn = _connect(self.path, self._check)
         except BaseException as exc:
-            self._opened.set_exception(exc)
+            self._dead = True
+            if self._opened.set_running_or_notify_cancel():
+                self._opened.set_exception(exc)
             self._stopped.set_result(None)
             return
-        self._opened.set_result(None)
         try:
+            if not self._opened.set_running_or_notify_cancel():
+                return  # open() was cancelled (a stop during start-up): nobody will use this store
+            self._opened.set_result(None)
             self._serve(conn)
         finally:
             conn.close()
-            left = [*self._waiting, *self._background]
-            self._waiting.clear()
-            self._background.clear()
-            self._deliver([(job, None, StoreUnavailable("the store is closed")) for job in left])
+            with self._lock:
+                self._dead = True
+                left = [*self._waiting, *self._background]
+                self._waiting.clear()
+                self._background.clear()
+            self._deliver(_failed(left, StoreUnavailable("the store is closed")))
             self._stopped.set_result(None)
 
     def _serve(self, conn: sqlite3.Connection) -> None:
@@ -340,6 +353,8 @@ class _Writer:
         return None
 
     def _run_batch(self, conn: sqlite3.Connection, tx: Tx) -> list[Outcome]:
+        if conn.in_transaction:
+            _roll_back(conn)  # a ROLLBACK that failed last time must not cost this batch its BEGIN
         try:
             self.control(conn, "BEGIN IMMEDIATE")
         except Exception as exc:
@@ -359,7 +374,7 @@ class _Writer:
                 if job.background:
                     background_spent += time.monotonic() - started
             self.control(conn, "COMMIT")
-        except Exception as exc:
+        except BaseException as exc:
             # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error, a
             # failed COMMIT): the batch's jobs were undone with it and fail with
             # this error; the jobs still queued get a transaction of their own.
@@ -368,9 +383,12 @@ class _Writer:
             # every later BEGIN would fail until a restart.
             if isinstance(exc, _Aborted):
                 exc = exc.error
-            error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc))
+            error = map_error(exc) if isinstance(exc, sqlite3.Error) else StoreUnavailable(str(exc) or repr(exc))
             log.error("store transaction failed: %s", error)
             _roll_back(conn)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self._deliver(_failed(batch, error))
+                raise
             return _failed(batch, error)
         self.stats.jobs += len(batch)
         self.stats.commits += 1
@@ -394,12 +412,14 @@ def _run_job(conn: sqlite3.Connection, tx: Tx, job: _Job) -> Outcome:
     try:
         work = job.work
         result = _drive(_statements_of(work)(tx) if isinstance(work, Writes) else work(tx))
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a job's CancelledError (an awaited future was cancelled) fails it alone
         if not conn.in_transaction:
             raise _Aborted(exc) from exc
         conn.execute("ROLLBACK TO job")
         conn.execute("RELEASE job")
-        return job, None, exc
+        return job, None, exc if isinstance(exc, Exception) else RuntimeError(f"a store job raised {exc!r}")
     conn.execute("RELEASE job")
     return job, result, None
 

@@ -271,6 +271,22 @@ class TestGroupCommit:
         assert isinstance(outcomes[1], RuntimeError) and "awaited something other" in str(outcomes[1])
         assert await probe_labels(store) == ["ok"]
 
+    async def test_a_job_that_raises_cancelled_error_fails_alone_and_the_writer_lives_on(self, store: Store) -> None:
+        """CancelledError is not an Exception: it must still fail only its job, never the writer thread."""
+        gone = asyncio.get_running_loop().create_future()
+        gone.cancel()
+
+        async def awaits_a_cancelled_future(tx: Tx) -> None:
+            await insert_probe(tx, "undone")
+            await gone
+
+        outcomes = await asyncio.gather(store.transact(lambda tx: insert_probe(tx, "ok")),
+                                        store.transact(awaits_a_cancelled_future), return_exceptions=True)
+        assert isinstance(outcomes[0], int)
+        assert isinstance(outcomes[1], RuntimeError) and "CancelledError" in str(outcomes[1])
+        await store.transact(lambda tx: insert_probe(tx, "after"))
+        assert await probe_labels(store) == ["ok", "after"]
+
     async def test_a_job_that_breaks_its_savepoint_does_not_wedge_the_store(self, store: Store) -> None:
         """A savepoint that cannot be rolled back fails its batch, and the transaction is ended with it."""
         async def breaks_savepoint(tx: Tx) -> None:
@@ -455,6 +471,25 @@ class TestHealthProbe:
 
 
 class TestClose:
+    async def test_an_open_cancelled_during_start_up_leaves_no_writer_behind(self, tmp_path: Path) -> None:
+        path = tmp_path / "s.sqlite3"
+        def writers() -> int:
+            return sum(t.name == "store-writer" for t in threading.enumerate())
+
+        before = writers()
+        opening = asyncio.create_task(Store.open(path))
+        await asyncio.sleep(0)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        deadline = time.monotonic() + 5
+        while writers() > before:
+            assert time.monotonic() < deadline, "the writer thread of a cancelled open is still running"
+            await asyncio.sleep(0.01)
+        async with await Store.open(path) as store:
+            assert await store.writable()
+
+
     async def test_a_write_after_close_began_is_refused_not_left_hanging(self, tmp_path: Path) -> None:
         store = await Store.open(tmp_path / "s.sqlite3")
         closing = asyncio.create_task(store.close())

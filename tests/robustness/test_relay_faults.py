@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -130,7 +133,24 @@ class TestRefusals:
         assert len(relay.delivered) == 1
         assert f"Message-ID: {item.message_id}\r\n".encode() in relay.delivered[0]
 
-    @pytest.mark.parametrize("stage", ["banner", "mail", "rcpt", "end"])
+    async def test_a_relay_that_refuses_to_talk_is_retried_like_postfix_does(self, gateway_factory, relay):
+        """A 5xx banner refuses gatewayd, not the message (Postfix's smtp_skip_5xx_greeting defers too)."""
+        relay.script = Script(answers={"banner": "554 5.7.1 No SMTP service here"})
+        gw = await gateway_factory(relay_port=relay.port)
+        [reply] = await send_message(gw.smtp_port, message())
+        assert reply.code == 250
+        await wait_until(lambda: has_forward(gw.store))
+
+        async def retried() -> bool:
+            return (await forward(gw.store)).attempts >= 2
+        await wait_until(retried)
+        item = await forward(gw.store)
+        assert item.state == "pending" and item.last_error.startswith("554 5.7.1 No SMTP service")
+        relay.script = Script()
+        await wait_until(lambda: _state(gw.store, "sent"))
+        assert len(relay.delivered) == 1
+
+    @pytest.mark.parametrize("stage", ["mail", "rcpt", "end"])
     async def test_a_permanent_refusal_fails_the_item_at_once_and_keeps_it_visible(self, gateway_factory, relay, stage):
         relay.script = Script(answers={stage: "550 5.7.1 Refused by policy"})
         gw = await gateway_factory(relay_port=relay.port)
@@ -338,3 +358,87 @@ async def _all_sent(store: Store) -> bool:
 
 async def _no_session_open(relay: DroppingRelay) -> bool:
     return not relay.open
+
+
+def self_signed(folder: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate naming 127.0.0.1, and the relay side's context for it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=relay",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return cert, context
+
+
+@pytest.fixture(scope="module")
+def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    return self_signed(tmp_path_factory.mktemp("relay-tls"))
+
+
+class TestStarttls:
+    async def test_clear_text_answers_slipped_in_after_the_220_are_never_read(self, relay_tls):
+        """A man in the middle appends "250 ok" lines to the 220 (CVE-2011-0411): the relay's own
+        answers over TLS count, so a recipient it refuses is reported refused, not sent."""
+        cert, context = relay_tls
+        over_tls: list[bytes] = []
+
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 relay.test ESMTP\r\n")
+            await reader.readline()
+            writer.write(b"250-relay.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            await reader.readline()
+            writer.write(b"220 go ahead\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 injected\r\n")
+            await writer.drain()
+            await writer.start_tls(context)
+            while line := await reader.readline():
+                over_tls.append(line.split(b" ")[0].upper())
+                answers = {b"EHLO": b"250 relay.test\r\n", b"MAIL": b"250 2.1.0 ok\r\n",
+                           b"RCPT": b"550 5.1.1 no such user\r\n", b"QUIT": b"221 bye\r\n"}
+                writer.write(answers.get(line[:4].upper(), b"503 5.5.1 bad sequence\r\n"))
+            writer.close()
+
+        port = free_port()
+        server = await asyncio.start_server(session, "127.0.0.1", port)
+        try:
+            pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", port), timeout=5.0, starttls=True, ca_file=cert),
+                         "gw.example.test")
+            result = await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+            assert result == relay_module.SendResult("failed", "550 5.1.1 no such user")
+            assert over_tls[:3] == [b"EHLO", b"MAIL", b"RCPT"]
+            await pool.close()
+        finally:
+            server.close()
+
+    async def test_a_renewed_relay_certificate_in_ca_file_is_trusted_without_a_restart(self, dropping, tmp_path):
+        old_cert, old_context = self_signed(tmp_path / "old")
+        new_cert, new_context = self_signed(tmp_path / "new")
+        trusted = tmp_path / "relay-ca.pem"
+        trusted.write_bytes(old_cert.read_bytes())
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0, starttls=True,
+                                 ca_file=trusted), "gw.example.test", idle_seconds=0)
+        dropping.script = Script(tls=old_context)
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")).sent
+        await pool.close()
+        pool = Relay(pool.config, "gw.example.test", idle_seconds=0)
+        dropping.script = Script(tls=new_context)
+        refused = await pool.send("a@x.test", "b@y.test", b"Subject: 2\r\n\r\nx\r\n")
+        assert refused.outcome == "retry" and "CERTIFICATE_VERIFY_FAILED" in refused.reply
+        trusted.write_bytes(new_cert.read_bytes())
+        assert (await pool.send("a@x.test", "b@y.test", b"Subject: 3\r\n\r\nx\r\n")).sent
+        assert len(dropping.delivered) == 2
+        await pool.close()
+
+    async def test_a_relay_that_does_not_offer_starttls_gets_nothing_in_clear(self, dropping):
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0, starttls=True),
+                     "gw.example.test")
+        result = await pool.send("a@x.test", "b@y.test", b"Subject: 1\r\n\r\nx\r\n")
+        assert result.outcome == "retry" and "does not offer STARTTLS" in result.reply
+        assert dropping.mail_commands == []
+
+
+async def test_an_address_that_could_inject_a_command_is_never_sent(dropping):
+    pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+    result = await pool.send("a@x.test", "b@y.test>\r\nRCPT TO:<evil@z.test", b"Subject: 1\r\n\r\nx\r\n")
+    assert result.outcome == "failed" and dropping.mail_commands == []

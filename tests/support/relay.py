@@ -8,6 +8,7 @@ peer whose every answer the test controls.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
 
@@ -18,6 +19,7 @@ class Script:
     answers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     pipelining: bool = True  # offered in EHLO, as Postfix and most MTAs do
+    tls: ssl.SSLContext | None = None  # offer STARTTLS with this (server-side) context
 
     def answer(self, stage: str, default: str) -> str:
         return self.answers.get(stage, default)
@@ -62,7 +64,14 @@ class ScriptedRelay:
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
                     pipelining = "250-PIPELINING\r\n" if self.script.pipelining else ""
-                    await self._say(writer, f"250-relay.test\r\n{pipelining}250-8BITMIME\r\n250 SMTPUTF8")
+                    starttls = "250-STARTTLS\r\n" if self.script.tls else ""
+                    await self._say(writer, f"250-relay.test\r\n{pipelining}{starttls}250-8BITMIME\r\n250 SMTPUTF8")
+                elif verb == b"STAR" and self.script.tls:
+                    await self._say(writer, "220 2.0.0 ready to start TLS")
+                    try:
+                        await writer.start_tls(self.script.tls)
+                    except (ssl.SSLError, OSError):
+                        return
                 elif verb == b"MAIL":
                     self.mail_commands.append(line.rstrip(b"\r\n"))
                     await self._say(writer, self.script.answer("mail", "250 2.1.0 ok"))
