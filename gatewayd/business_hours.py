@@ -9,7 +9,7 @@ Saturday. Without them, the target is plain elapsed time.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
@@ -21,8 +21,9 @@ _DAY_MINUTES = 24 * 60
 _MAX_DAYS = 400  # a year of holidays cannot make the search run away
 
 Week = tuple[tuple[tuple[int, int], ...], ...]
-"""Opening spans per weekday (index 0 = Monday): ``(begin, end)`` in minutes from local midnight, sorted,
-not overlapping, ``end`` up to 1440."""
+"""Shifts per weekday (index 0 = Monday): ``(begin, end)`` in minutes from that day's local midnight,
+sorted and not overlapping; ``end`` goes past 1440 for a shift that runs past midnight. A shift belongs to
+the day it starts: that day's ``off`` and holidays close all of it."""
 
 
 class HoursError(ValueError):
@@ -42,9 +43,9 @@ def parse_hours(hours: Mapping[str, Any]) -> Week:
     ``"HH:MM-HH:MM"``, several (a list, or one string with commas), or
     ``off``. Entries apply in order: ranges add to their days, ``off`` closes
     them (``{mon-sun: "09:00-17:00", sun: off}``). A range that ends before it
-    starts runs past midnight (``"22:00-06:00"``: to 24:00, and from 00:00 the
-    next day). Spans of one day that overlap or touch are merged; a mapping
-    with no span at all parses to a week that is never open.
+    starts runs past midnight (``"22:00-06:00"``) and belongs to the day it
+    starts. Shifts of one day that overlap or touch are merged; a mapping with
+    no shift at all parses to a week that is never open.
     """
     shifts: list[list[tuple[int, int]]] = [[] for _ in _DAYS]
     for key, value in hours.items():
@@ -55,29 +56,25 @@ def parse_hours(hours: Mapping[str, Any]) -> Week:
                 shifts[day].extend(spans)
             else:
                 shifts[day].clear()
-    week: list[list[tuple[int, int]]] = [[] for _ in _DAYS]
-    for day, spans in enumerate(shifts):
-        for begin, end in spans:
-            if begin < end:
-                week[day].append((begin, end))
-            else:
-                week[day].append((begin, _DAY_MINUTES))
-                if end:
-                    week[(day + 1) % 7].append((0, end))
-    return tuple(_merged(spans) for spans in week)
+    return tuple(_merged([(b, e if b < e else e + _DAY_MINUTES) for b, e in spans]) for spans in shifts)
 
 
-def is_open(week: Week, local: datetime) -> bool:
-    """Whether ``local`` (a time in the hours' own zone) falls in one of its day's spans."""
+def is_open(week: Week, local: datetime, holidays: Collection[date] = frozenset()) -> bool:
+    """Whether ``local`` (a time in the hours' own zone) falls in a shift, today's or last night's, that
+    did not start on one of ``holidays``."""
     minute = local.hour * 60 + local.minute
-    return any(begin <= minute < end for begin, end in week[local.weekday()])
+    today = local.date()
+    yesterday = today - timedelta(days=1)
+    if today not in holidays and any(b <= minute < e for b, e in week[today.weekday()]):
+        return True
+    return yesterday not in holidays and any(minute + _DAY_MINUTES < e for _, e in week[yesterday.weekday()])
 
 
 def _days(key: str) -> list[int]:
     days: list[int] = []
     for part in key.lower().replace(" ", "").split(","):
-        first, _, last = part.partition("-")
-        if first not in _DAYS or (last and last not in _DAYS):
+        first, dash, last = part.partition("-")
+        if first not in _DAYS or (dash and last not in _DAYS):
             raise HoursError(key, "is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")
         start, stop = _DAYS.index(first), _DAYS.index(last or first)
         days.extend((start + i) % 7 for i in range((stop - start) % 7 + 1))
@@ -85,7 +82,7 @@ def _days(key: str) -> list[int]:
 
 
 def _spans(key: str, value: Any) -> list[tuple[int, int]]:
-    if value in ("off", False, None):
+    if value is False or value is None or (isinstance(value, str) and value.strip().lower() == "off"):
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
     spans = []
@@ -101,6 +98,8 @@ def _spans(key: str, value: Any) -> list[tuple[int, int]]:
             if h1 > 23 or m1 > 59 or m2 > 59 or end > _DAY_MINUTES or begin == end:
                 raise HoursError(key, f"{part.strip()!r} is not a time range of a day (HH:MM-HH:MM, up to 24:00)")
             spans.append((begin, end))
+    if not spans:
+        raise HoursError(key, 'has no time range (write "off" to close the day)')
     return spans
 
 
@@ -127,29 +126,35 @@ class BusinessHours:
         return ZoneInfo(self.timezone)
 
     def add(self, start: datetime, seconds: float) -> datetime:
-        """The moment ``seconds`` of business time after ``start`` have passed."""
+        """The moment (in UTC) ``seconds`` of business time after ``start`` have passed.
+
+        Counted in real time, so a shift across a DST change is as long as it
+        really is, and each moment counts once when last night's shift and
+        this morning's overlap.
+        """
         zone = self.zone
-        local = start.astimezone(zone)
+        cursor = start.astimezone(timezone.utc)
         remaining = timedelta(seconds=seconds)
-        day = local.date()
+        day = start.astimezone(zone).date() - timedelta(days=1)  # last night's shift may still run
         for _ in range(_MAX_DAYS):
             if day not in self.holidays:
                 for begin, end in self.week[day.weekday()]:
-                    open_at = _at(day, begin, zone)
                     close_at = _at(day, end, zone)
-                    span_start = max(open_at, local)
+                    span_start = max(_at(day, begin, zone), cursor)
                     if span_start >= close_at:
                         continue
                     available = close_at - span_start
                     if remaining <= available:
                         return span_start + remaining
                     remaining -= available
+                    cursor = close_at
             day += timedelta(days=1)
         raise ValueError("business hours leave no working time within a year")
 
 
 def _at(day: date, minute: int, zone: ZoneInfo) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=zone) + timedelta(minutes=minute)
+    """``minute`` minutes of wall-clock time after ``day``'s local midnight, in UTC."""
+    return (datetime(day.year, day.month, day.day, tzinfo=zone) + timedelta(minutes=minute)).astimezone(timezone.utc)
 
 
 def parse_timezone(value: str) -> str:

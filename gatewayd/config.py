@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from .addresses import AddressError, parse_mailbox
-from .business_hours import BusinessHours, Week, parse_holidays, parse_hours, parse_timezone
+from .business_hours import BusinessHours, HoursError, Week, parse_holidays, parse_hours, parse_timezone
 from .errors import ConfigError, ConfigIssue
 from .units import DAYS, HOURS, KB, MB, MINUTES, SECONDS, parse_duration, parse_size
 
@@ -788,19 +788,29 @@ def _hours_section(r: _Reader, raw: Any, path: str) -> BusinessHours | None:
         return None
     r.unknown(raw, path, {"timezone", "hours", "holidays"})
     zone = r.value(raw, "timezone", f"{path}.timezone", lambda v: parse_timezone(_text(v)), None, required=True)
-    week = r.value(raw, "hours", f"{path}.hours", _week, None, required=True)
+    week = _week(r, raw.get("hours"), f"{path}.hours")
     holidays = r.value(raw, "holidays", f"{path}.holidays", lambda v: parse_holidays(_list(v)), frozenset())
     if zone is None or week is None:
         return None
     return BusinessHours(timezone=zone, week=week, holidays=holidays)
 
 
-def _week(value: Any) -> Week:
+def _week(r: _Reader, value: Any, path: str) -> Week | None:
+    """Errors name the day entry at fault (``business_hours.hours.mon-fri``) with its own line."""
+    if value is None:
+        r.error(path, "is required")
+        return None
     if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping of days to spans (mon-fri: \"09:00-17:00\"), not {_kind(value)}")
-    week = parse_hours(value)
+        r.error(path, f"must be a mapping of days to spans (mon-fri: \"09:00-17:00\"), not {_kind(value)}")
+        return None
+    try:
+        week = parse_hours(value)
+    except HoursError as exc:
+        r.error(f"{path}.{exc.key}", exc.reason)
+        return None
     if not any(week):
-        raise ValueError("needs at least one opening span (a week that is never open has no answer time)")
+        r.error(path, "needs at least one opening span (a week that is never open has no answer time)")
+        return None
     return week
 
 

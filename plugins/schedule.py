@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -77,13 +77,17 @@ class Schedule(Plugin):
         zone = _zone(agent.timezone) or own.zone or team_cal.zone or self.default.zone or UTC
         local = now.astimezone(zone)
         holidays = own.holidays | team_cal.holidays | self.default.holidays
-        if local.date() in holidays:
-            return Duty(False, f"holiday {local.date().isoformat()}")
         week = own.week if own.week is not None else team_cal.week if team_cal.week is not None else self.default.week
         if week is None:
+            if local.date() in holidays:
+                return Duty(False, f"holiday {local.date().isoformat()}")
             return Duty(True, "no working hours set")
-        if is_open(week, local):
+        if is_open(week, local, holidays):
             return Duty(True, f"{local:%a %H:%M} local")
+        if is_open(week, local):
+            # Open but for a holiday: the one the shift running now started on (a night shift: yesterday).
+            started = local.date() if local.date() in holidays else local.date() - timedelta(days=1)
+            return Duty(False, f"holiday {started.isoformat()}")
         return Duty(False, f"{local:%a %H:%M} local is outside working hours")
 
     def route(self, context: PluginContext, ticket: TicketView, message: MessageView,

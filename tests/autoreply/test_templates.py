@@ -62,6 +62,26 @@ class TestExpectedTime:
         friday_night = expected_by(berlin(2025, 1, 17, 23, 0), 8 * HOUR, night)
         assert friday_night == berlin(2025, 1, 20, 23, 0), "Friday's shift ends Saturday 06:00; Monday's is next"
 
+    def test_a_holiday_the_night_shift_runs_into_does_not_stop_it(self) -> None:
+        night = BusinessHours("Europe/Berlin", parse_hours({"mon": "22:00-06:00"}),
+                              frozenset({datetime(2025, 1, 14).date()}))
+        assert expected_by(berlin(2025, 1, 13, 23, 0), 2 * HOUR, night) == berlin(2025, 1, 14, 1, 0)
+
+    def test_business_time_is_real_time_across_daylight_saving_changes(self) -> None:
+        night = BusinessHours("Europe/Berlin", parse_hours({"mon-sun": "22:00-06:00"}))
+        spring = expected_by(berlin(2025, 3, 29, 23, 0), 4 * HOUR, night)
+        assert spring.astimezone(timezone.utc) == datetime(2025, 3, 30, 2, 0, tzinfo=timezone.utc)
+        autumn = expected_by(berlin(2025, 10, 25, 23, 0), 4 * HOUR, night)
+        assert autumn.astimezone(timezone.utc) == datetime(2025, 10, 26, 1, 0, tzinfo=timezone.utc)
+        always = BusinessHours("Europe/Berlin", parse_hours({"mon-sun": "00:00-24:00"}))
+        first_half_past_two = datetime(2025, 10, 26, 0, 30, tzinfo=timezone.utc)  # 02:30 CEST
+        due = expected_by(first_half_past_two, 0.5 * HOUR, always)
+        assert due.astimezone(timezone.utc) == datetime(2025, 10, 26, 1, 0, tzinfo=timezone.utc)
+
+    def test_a_night_shift_and_the_next_mornings_overlap_count_once(self) -> None:
+        hours = BusinessHours("Europe/Berlin", parse_hours({"mon": "22:00-06:00", "tue": "00:00-08:00"}))
+        assert expected_by(berlin(2025, 1, 13, 22, 0), 9 * HOUR, hours) == berlin(2025, 1, 14, 7, 0)
+
     def test_overlapping_spans_count_once(self) -> None:
         hours = BusinessHours("Europe/Berlin", parse_hours({"mon-fri": "09:00-12:00, 11:00-13:00"}))
         assert hours.week[0] == ((540, 780),)
@@ -76,15 +96,26 @@ class TestHoursGrammar:
         assert week == (((600, 840),), ((480, 540), (1020, 1080)), (), ((480, 540), (1020, 1080)),
                         ((600, 840),), ((600, 840),), ())
 
-    def test_off_closes_days_opened_before_it_and_their_night_shift(self) -> None:
+    def test_off_closes_days_opened_before_it_with_their_night_shift(self) -> None:
         week = parse_hours({"mon-sun": "22:00-06:00", "sat,sun": "off"})
-        assert week[5] == ((0, 360),), "Friday's shift still ends Saturday morning"
-        assert week[6] == () and week[0] == ((1320, 1440),)
+        assert week[4] == ((1320, 1800),), "Friday's shift runs to Saturday 06:00 and is Friday's"
+        assert week[5] == () and week[6] == ()
+        assert is_open(week, berlin(2025, 1, 18, 5, 0)) and not is_open(week, berlin(2025, 1, 19, 5, 0))
 
     def test_a_range_past_midnight_ends_the_next_morning(self) -> None:
         week = parse_hours({"sun": "22:00-06:00"})
-        assert week[6] == ((1320, 1440),) and week[0] == ((0, 360),)
+        assert week[6] == ((1320, 1800),) and week[0] == ()
         assert is_open(week, berlin(2025, 1, 13, 5, 59)) and not is_open(week, berlin(2025, 1, 13, 6, 0))
+
+    def test_a_holiday_closes_the_shifts_that_start_on_it(self) -> None:
+        week = parse_hours({"mon": "22:00-06:00"})
+        tuesday = frozenset({datetime(2025, 1, 14).date()})
+        monday = frozenset({datetime(2025, 1, 13).date()})
+        assert is_open(week, berlin(2025, 1, 14, 1, 0), tuesday), "Monday's shift runs into the Tuesday holiday"
+        assert not is_open(week, berlin(2025, 1, 14, 1, 0), monday), "a shift that never started"
+
+    def test_off_in_any_case_and_yaml_false_close_the_day(self) -> None:
+        assert parse_hours({"mon-fri": "09:00-17:00", "fri": "Off", "thu": False})[3:5] == ((), ())
 
     def test_whole_days(self) -> None:
         week = parse_hours({"mon-sun": "00:00-24:00"})
@@ -93,6 +124,10 @@ class TestHoursGrammar:
 
     @pytest.mark.parametrize("hours, key, message", [
         ({"funday": "09:00-17:00"}, "funday", "not a day"),
+        ({"mon-": "09:00-17:00"}, "mon-", "not a day"),
+        ({"mon": ""}, "mon", "has no time range"),
+        ({"mon": []}, "mon", "has no time range"),
+        ({"mon": 0}, "mon", "quote it in YAML"),
         ({"mon": "9-5"}, "mon", "not a time range"),
         ({"mon": "09:00-09:00"}, "mon", "not a time range of a day"),
         ({"mon": "08:00-24:30"}, "mon", "not a time range of a day"),
@@ -181,7 +216,7 @@ class TestConfig:
                        "business_hours: {timezone: Mars/Olympus, hours: {mon-fri: '9-5'}}\n", tmp_path)
         assert [p for p, _, _ in found] == ["autoreply.rate.per_sender", "autoreply.suppress_senders",
                                             "authentication.unauthenticated", "business_hours.timezone",
-                                            "business_hours.hours"]
+                                            "business_hours.hours.mon-fri"]
 
     def test_business_hours_that_are_never_open_and_bad_days_are_refused_by_key(self, tmp_path) -> None:
         found = issues("business_hours: {timezone: Europe/Berlin, hours: {mon-sun: 'off'}}\n"
@@ -189,8 +224,8 @@ class TestConfig:
                        tmp_path)
         assert [(p, m) for p, _, m in found] == [
             ("business_hours.hours", "needs at least one opening span (a week that is never open has no answer time)"),
-            ("sla.teams.t.business_hours.hours",
-             "funday: is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")]
+            ("sla.teams.t.business_hours.hours.funday",
+             "is not a day, day range or list (mon..sun, e.g. mon-fri or sat,sun)")]
 
     def test_the_shipped_example_enables_receipts_with_its_templates(self) -> None:
         from tests.support.gateway import REPO

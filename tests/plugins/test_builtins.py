@@ -183,6 +183,20 @@ async def test_schedule_night_shift_spans_midnight():
     assert "on duty: owl" in trace[0].reason and result.agent == "owl"
 
 
+async def test_schedule_a_night_shift_belongs_to_the_day_it_starts():
+    """A holiday on Saturday does not end Friday's night shift; one on Friday means it never starts."""
+    agents = (make_agent("owl"), make_agent("lark"))
+    clock = FakeClock("2024-06-08T03:00:00+00:00")
+    for holiday, on_duty in (("2024-06-08", True), ("2024-06-07", False)):
+        options = {"agents": {"owl": {"hours": {"fri": "22:00-06:00"}, "holidays": [holiday]}},
+                   "hours": {"mon-sun": "off"}}
+        result, trace = await run_chain([("schedule", options)], agents=agents, clock=clock)
+        if on_duty:
+            assert "on duty: owl" in trace[0].reason and result.agent == "owl"
+        else:
+            assert "owl: holiday 2024-06-07" in trace[0].reason
+
+
 async def test_example_chain_with_all_six(state):
     chain = build_chain([
         ("rules", SECURITY_RULES), "sticky", ("schedule", {"hours": {"mon-sun": "00:00-24:00"}}),

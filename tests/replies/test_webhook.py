@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from gatewayd.webhook import Webhooks
 from tests.replies.helpers import answer, header, open_ticket, work_done
 from tests.replies.test_sla import set_clock
 from tests.support.gateway import free_port
@@ -59,3 +62,39 @@ async def test_an_overdue_ticket_is_posted_to_the_webhook_and_retried_until_acce
     finally:
         server.close()
         await server.wait_closed()
+
+
+class Canned:
+    """A loopback HTTP endpoint that answers every request with one fixed response."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(self.response)
+        await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("response, outcome, reply", [
+    (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Length: 0\r\n\r\n",
+     "failed", "HTTP 302"),
+    (b"HELLO, NOT HTTP\r\n\r\n", "retry", "BadStatusLine"),
+], ids=["redirect", "not-http"])
+async def test_a_redirect_or_a_garbled_answer_is_never_taken_for_delivery(monkeypatch, response, outcome, reply):
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    endpoint = Canned(response)
+    port = free_port()
+    server = await asyncio.start_server(endpoint.handle, "127.0.0.1", port)
+    webhooks = Webhooks(concurrency=1, timeout=5.0)
+    try:
+        result = await webhooks.post(f"http://127.0.0.1:{port}/hook", b"{}")
+    finally:
+        webhooks.close()
+        server.close()
+    assert result.outcome == outcome and reply in result.reply
+    assert endpoint.requests == 1, "no second request (a redirect is not followed)"
