@@ -321,26 +321,23 @@ class Relay:
                 self._close_later(session)
                 continue
             try:
-                return self._after(session, await session.send(mail_from, rcpt, content, reused=True))
+                return await self._on(session, mail_from, rcpt, content, reused=True)
             except _Stale:
-                session.abort()
                 break
-            except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as exc:
-                session.abort()
-                return _failure(exc)
-            except BaseException:
-                session.abort()
-                raise
         try:
             session = await Session.open(self.config, self.helo, self._current_tls())
         except (OSError, TimeoutError, ProtocolError, ssl.SSLError, _Refused) as exc:
             return _failure(exc)
+        return await self._on(session, mail_from, rcpt, content, reused=False)
+
+    async def _on(self, session: Session, mail_from: str, rcpt: str, content: bytes, *, reused: bool) -> SendResult:
+        """The transaction on ``session``; a session that failed or was cancelled is never used again."""
         try:
-            return self._after(session, await session.send(mail_from, rcpt, content, reused=False))
+            return self._after(session, await session.send(mail_from, rcpt, content, reused=reused))
         except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as exc:
             session.abort()
             return _failure(exc)
-        except BaseException:
+        except BaseException:  # _Stale (the caller opens a new session) or a cancellation
             session.abort()
             raise
 
