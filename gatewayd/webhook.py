@@ -27,12 +27,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def post_blocking(url: str, body: bytes, timeout: float,
-                  opener: urllib.request.OpenerDirector | None = None) -> SendResult:
+def post_blocking(url: str, body: bytes, timeout: float, opener: urllib.request.OpenerDirector) -> SendResult:
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "gatewayd"})
     try:
-        with (opener or urllib.request.build_opener(_NoRedirect())).open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return SendResult("sent", f"HTTP {response.status}")
     except urllib.error.HTTPError as exc:
         retry = exc.code in (408, 429) or exc.code >= 500

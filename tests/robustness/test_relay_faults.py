@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -318,6 +319,25 @@ class TestSessionReuse:
 
 
 class TestDotStuffing:
+    async def test_a_large_message_is_stuffed_off_the_event_loop(self, dropping, monkeypatch):
+        stuffed_in: dict[int, str] = {}
+        stuff = relay_module.dot_stuffed
+
+        def recording(content: bytes) -> bytes:
+            stuffed_in[len(content)] = threading.current_thread().name
+            return stuff(content)
+
+        monkeypatch.setattr(relay_module, "dot_stuffed", recording)
+        pool = Relay(RelayConfig(address=Endpoint("127.0.0.1", dropping.port), timeout=5.0), "gw.example.test")
+        small, large = b"Subject: s\r\n\r\nx\r\n", b"Subject: l\r\n\r\n" + (b"y" * 76 + b"\r\n") * 4000
+        assert (await pool.send("a@x.test", "b@y.test", small)).sent
+        assert (await pool.send("a@x.test", "b@y.test", large)).sent
+        await pool.close()
+        loop_thread = threading.current_thread().name
+        assert stuffed_in[len(small)] == loop_thread and stuffed_in[len(large)] != loop_thread
+        assert dropping.delivered[1] == large
+
+
     @pytest.mark.parametrize("content, sent", [
         (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
         (b".a\r\n", b"..a\r\n.\r\n"),
