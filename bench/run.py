@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,14 +56,14 @@ class Cell:
 
 
 class Gatewayd:
-    """A gatewayd subprocess (bench/daemon.py) with a fresh store, relaying to ``relay_port``."""
+    """``gatewayd run`` (daemon and worker process) with a fresh store, relaying to ``relay_port``."""
 
     def __init__(self, relay_port: int, dns_port: int, max_connections: int = 1200) -> None:
         self.root = scratch_dir("gw-bench-")
         self.port = free_port()
-        self.stats_path = self.root / "stats.json"
+        self.metrics_port = free_port()
         text = config_text(self.root, smtp_port=self.port, lmtp_port=free_port(), relay_port=relay_port,
-                           limits=f"  max_connections: {max_connections}\n",
+                           metrics_port=self.metrics_port, limits=f"  max_connections: {max_connections}\n",
                            extra=f'dns: {{resolver: "127.0.0.1:{dns_port}", timeout: 1s}}\n')
         (self.root / "gatewayd.yaml").write_text(text)
         self.store = self.root / "gatewayd.sqlite3"
@@ -70,19 +71,31 @@ class Gatewayd:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "daemon.py"), str(self.root / "gatewayd.yaml"), str(self.stats_path)],
+            [sys.executable, "-m", "gatewayd", "run", "-c", str(self.root / "gatewayd.yaml")],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=(self.root / "gatewayd.log").open("wb"))
         wait_for_port(self.port)
 
     def pids(self) -> list[int]:
-        return [self.process.pid] if self.process else []
+        """The daemon and its worker process."""
+        if self.process is None:
+            return []
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return [self.process.pid, *map(int, children.read_text().split())]
+        except OSError:
+            return [self.process.pid]
 
-    def stop(self) -> dict[str, int]:
+    def commits(self) -> int:
+        """Store commits so far, both processes (gatewayd_store_commits_total)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return int(float(re.search(r"^gatewayd_store_commits_total (\S+)$", text, re.M).group(1)))
+
+    def stop(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
         self.process = None
-        return json.loads(self.stats_path.read_text())
 
     def drain(self, timeout: float) -> None:
         """Waits until every forward is sent (or the timeout passes)."""
@@ -211,11 +224,12 @@ def main() -> int:
                 rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
                 gateway.drain(STEP_TIMEOUT)
                 delays, accepted, drained = gateway.end_to_end()
-                stats = gateway.stop()
+                commits = gateway.commits()
+                gateway.stop()
                 cells.append(Cell("gatewayd", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
                                   rss, percentile(delays, .5), percentile(delays, .99),
-                                  {"commits_per_message": stats["commits"] / max(1, accepted), "drained": drained,
-                                   "accepted": accepted, "commits": stats["commits"]}))
+                                  {"commits_per_message": commits / max(1, accepted), "drained": drained,
+                                   "accepted": accepted, "commits": commits}))
 
         if args.no_extras:
             print(render(cells, disk, 0, 0, []))

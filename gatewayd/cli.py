@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from . import config as config_module
 from .config import Config
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, WorkerFailed
 from .ids import TicketIds
 
 DEFAULT_CONFIG = "/etc/gatewayd/gatewayd.yaml"
@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"gatewayd: store: {exc}", file=sys.stderr)
         return 1
+    except WorkerFailed as exc:
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument("--one-process", action="store_true",
+                     help="route and deliver on the daemon's own event loop instead of in a worker process "
+                          "(one process to debug or profile; half the throughput under load)")
     run.set_defaults(handler=_run)
 
     check = sub.add_parser("check-config", parents=[common],
@@ -119,7 +125,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     logs.configure(config.logging)
 
     async def run() -> None:
-        await Daemon(config).run()
+        await Daemon(config, worker_process=not args.one_process).run()
 
     asyncio.run(run())
     return 0

@@ -1,13 +1,15 @@
 """The daemon: owns the one event loop's long-running parts and their order of start and stop.
 
-Start: store (checked, migrated) → workers → listeners → metrics endpoint →
-``READY=1`` to systemd.
+Start: store (checked, migrated) → worker (its own process under ``gatewayd
+run``) → listeners → metrics endpoint → ``READY=1`` to systemd.
 SIGTERM: ``STOPPING=1``, stop accepting, answer idle sessions ``421`` and let
 transactions in progress (from ``MAIL`` to the reply after DATA) finish within
-``shutdown_grace``, stop the workers, close the store, exit 0. Nothing that got
-a ``250`` is lost, because it was committed before the ``250``.
-SIGHUP: reload agents, teams and routing; an invalid file is refused with a log
-line and the running configuration stays. Connections are never dropped.
+``shutdown_grace``, stop the worker with what is left of it, close the store,
+exit 0. Nothing that got a ``250`` is lost, because it was committed before
+the ``250``.
+SIGHUP: reload agents, teams and routing, here and in the worker; an invalid
+file is refused with a log line and the running configuration stays.
+Connections are never dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from aiosmtpd.smtp import SMTP
 
 from . import config as config_module
 from . import sdnotify
-from .agent_reply import AgentReplies, dkim_signer
 from .config import Config
 from .discovery import load_chain
 from .errors import ConfigError
@@ -38,6 +39,8 @@ from .outbox import Outbox
 from .router import Router
 from .sla import SlaClock
 from .store import Store
+from .worker import Worker
+from .worker_process import WorkerProcess
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -53,7 +56,6 @@ _RESTART_KEYS = ("hostname", "listeners", "store", "support", "tickets", "relay"
 @dataclass
 class _Running:
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stats: dict[str, ListenerStats] = field(default_factory=dict)
 
 
@@ -95,8 +97,15 @@ class Sessions:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """Listeners, intake and the metrics endpoint; routing and delivery run in :class:`Worker`.
+
+    ``worker_process`` runs the worker in a child process (``gatewayd run``);
+    without it, on this loop (tests, ``--one-process``).
+    """
+
+    def __init__(self, config: Config, *, worker_process: bool = False) -> None:
         self.config = config
+        self._worker_process = worker_process
         self.metrics = Metrics()
         self._chain = load_chain(config, self.metrics)
         self._stop = asyncio.Event()
@@ -104,27 +113,40 @@ class Daemon:
         self._running = _Running()
         self._sessions = Sessions()
         self.store: Store | None = None
-        self.router: Router | None = None
+        self.worker: Worker | WorkerProcess | None = None
         self._intake: Intake | None = None
-        self.outbox: Outbox | None = None
-        self.sla: SlaClock | None = None
+
+    def _inline(self) -> Worker:
+        if not isinstance(self.worker, Worker):
+            raise RuntimeError("routing and delivery run in the worker process")
+        return self.worker
+
+    @property
+    def router(self) -> Router:
+        return self._inline().router
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._inline().outbox
+
+    @property
+    def sla(self) -> SlaClock:
+        return self._inline().sla
 
     async def start(self) -> None:
         config = self.config
         self.store = await Store.open(config.store.path, check=True)
+        store = self.store
+        self.metrics.watch_store(lambda: store.stats)
         ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())
-        self.outbox = Outbox(config, self.store, self.metrics)
-        self.router = Router(config, self.store, ids, self._chain, self.metrics, on_enqueued=self.outbox.wake)
-        intake = self._intake = Intake(config, self.store, ids, on_committed=self.router.wake)
-        replies = AgentReplies(lambda: self.config, self.store, ids, self.metrics, on_enqueued=self.outbox.wake,
-                               on_reoffer=self.router.wake, sign=dkim_signer(config))
-        self.router.handlers.update(agent_reply=replies.handle, handover=replies.handover)
-        self.sla = SlaClock(lambda: self.config, self.store, ids, on_reoffer=self.router.wake,
-                            on_enqueued=self.outbox.wake)
-        loop = asyncio.get_running_loop()
-        self._running.tasks += [loop.create_task(self.router.run(), name="router"),
-                                loop.create_task(self.outbox.run(), name="outbox"),
-                                loop.create_task(self.sla.run(), name="sla")]
+        if self._worker_process:
+            worker: Worker | WorkerProcess = WorkerProcess(self.metrics)
+            await worker.start(config)
+        else:
+            worker = Worker(config, self.store, self.metrics, self._chain)
+            worker.start()
+        self.worker = worker
+        intake = self._intake = Intake(config, self.store, ids, on_committed=worker.wake)
         self._prime(config)
         for listener in config.listeners:
             stats = ListenerStats()
@@ -150,6 +172,8 @@ class Daemon:
     async def _metrics(self) -> tuple[int, str, bytes]:
         assert self.store is not None
         await self.metrics.refresh(self.store, {n: s.active for n, s in self._running.stats.items()})
+        if isinstance(self.worker, WorkerProcess):
+            return 200, CONTENT_TYPE, self.metrics.exposition(await self.worker.samples())
         return 200, CONTENT_TYPE, self.metrics.exposition()
 
     async def _healthz(self) -> tuple[int, str, bytes]:
@@ -194,8 +218,8 @@ class Daemon:
         if self._intake is not None:
             self._intake.config = new
         self._chain = chain
-        if self.router is not None:
-            self.router.reconfigure(new, chain)
+        if self.worker is not None:
+            self.worker.reconfigure(new, chain)
         self._prime(new)
         log.info("configuration reloaded from %s agents=%d teams=%d routing=%d", new.source, len(new.agents),
                  len(new.teams), len(new.routing))
@@ -240,15 +264,8 @@ class Daemon:
         if abandoned:
             log.warning("shutdown grace of %.0fs over: closed %d sessions with transactions in progress "
                         "(none of them had a 250; their clients will retry)", grace, abandoned)
-        if self.router is not None:
-            self.router.stop()
-        if self.sla is not None:
-            self.sla.stop()
-        if self.outbox is not None:
-            await self.outbox.stop(max(0.0, deadline - time.monotonic()))
-        for task in self._running.tasks:
-            task.cancel()
-        await asyncio.gather(*self._running.tasks, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.stop(max(0.0, deadline - time.monotonic()))
         if self.store is not None:
             await self.store.close()
         log.info("gatewayd stopped")

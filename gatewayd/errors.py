@@ -57,3 +57,7 @@ class StoreCorrupt(StoreError):
 
 class StoreUnavailable(StoreError):
     """Any other I/O failure of the store."""
+
+
+class WorkerFailed(GatewayError):
+    """The worker process (routing and delivery) could not be started."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -23,9 +24,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from . import __version__, autoreply
-from .store import Store
+from .store import CommitStats, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,6 +52,14 @@ AUTOREPLY_RESULTS = ("sent", "suppressed")
 # decide on (RFC 3834 and DESIGN § Receipt); ``none`` goes with ``sent``.
 AUTOREPLY_REASONS = ("none", "disabled", *autoreply.REASONS, "other")
 RELOAD_RESULTS = ("success", "failure")
+# The families a worker process adds to the daemon's: event counts, which add up
+# across processes. Gauges are the daemon's alone (it computes them from the
+# store), and so are the process_* figures.
+_SUMMED_TYPES = ("counter", "histogram")
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+Samples = dict[SampleKey, float]
 
 @dataclass(frozen=True)
 class Known:
@@ -126,6 +137,9 @@ class Metrics:
             ["reason"], registry=r)
         self.config_reloads = Counter(
             "gatewayd_config_reloads", "SIGHUP configuration reloads, by result", ["result"], registry=r)
+        self.worker_restarts = Counter(
+            "gatewayd_worker_restarts", "Times the worker process (routing and delivery) ended unexpectedly "
+            "and was started again", registry=r)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
         self.autoreplies.labels("sent", "none")
@@ -171,6 +185,13 @@ class Metrics:
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()
+
+    def worker_restarted(self) -> None:
+        self.worker_restarts.inc()
+
+    def watch_store(self, stats: Callable[[], CommitStats]) -> None:
+        """Exposes the store's group-commit counts (this process's writer) on every scrape."""
+        self.registry.register(_StoreCounts(stats))
 
     # Series for what the config names, and the store-derived gauges.
 
@@ -231,5 +252,57 @@ class Metrics:
         oldest = snapshot.oldest_pending
         self.outbox_oldest_age.set(max(0.0, now - oldest) if oldest is not None else 0.0)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def samples(self) -> Samples:
+        """The counter and histogram values, for the daemon to add to its own (the worker process's part)."""
+        return {_key(sample.name, sample.labels): sample.value
+                for family in self.registry.collect() if _summed(family)
+                for sample in family.samples if not sample.name.endswith("_created")}
+
+    def exposition(self, worker: Samples | None = None) -> bytes:
+        """The text exposition; ``worker``'s counts are added to the matching series, or appended."""
+        if not worker:
+            return generate_latest(self.registry)
+        return generate_latest(_Merged(self.registry, worker))
+
+
+def _key(name: str, labels: dict[str, str]) -> SampleKey:
+    return name, tuple(sorted(labels.items()))
+
+
+def _summed(family: Metric) -> bool:
+    return family.type in _SUMMED_TYPES and family.name.startswith("gatewayd_")
+
+
+class _Merged:
+    """A registry's families with another process's counts added: what generate_latest needs to read."""
+
+    def __init__(self, registry: CollectorRegistry, extra: Samples) -> None:
+        self._registry = registry
+        self._extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        extra = dict(self._extra)
+        for family in self._registry.collect():
+            if _summed(family):
+                own = [sample._replace(value=sample.value + extra.pop(_key(sample.name, sample.labels), 0.0))
+                       for sample in family.samples]
+                names = {family.name + suffix for suffix in _SUFFIXES[family.type]}
+                theirs = [key for key in extra if key[0] in names]
+                family.samples = own
+                for name, labels in theirs:
+                    family.add_sample(name, dict(labels), extra.pop((name, labels)))
+            yield family
+
+
+class _StoreCounts:
+    """A collector for the writer's :class:`CommitStats`."""
+
+    def __init__(self, stats: Callable[[], CommitStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield CounterMetricFamily("gatewayd_store_commits", "Store write transactions committed (each one fsync; "
+                                  "group commit puts many writes in one)", value=stats.commits)
+        yield CounterMetricFamily("gatewayd_store_writes", "Store writes committed: SMTP transactions, routing "
+                                  "decisions, delivery results", value=stats.jobs)

@@ -29,6 +29,11 @@ queued :meth:`Database.transact` jobs and commits (more only when nobody is
 waiting). So background writes ride along in the commits intake needs anyway,
 a ``250`` waits at most about that long for them, and under a steady stream
 of SMTP transactions the background still gets its share of every commit.
+
+Other processes write the same file: the daemon's worker (routing and
+delivery) and CLI commands. Writers take turns through :class:`StoreLocks`,
+which hands the turn over without SQLite's polling; a batch of background
+parts ends after its share when a writer of another process waits.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any, Self, TypeVar
 import aiosqlite
 
 from ..errors import StoreCorrupt, StoreError, StoreFull, StoreUnavailable
+from .locks import StoreLocks
 from .schema import LATEST, MIGRATIONS
 
 log = logging.getLogger("gatewayd.store")
@@ -269,6 +275,7 @@ class _Writer:
         self._lock = threading.Lock()
         self._dead = False
         self._closing = False
+        self._locks: StoreLocks  # opened in the thread, next to the store
         self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -307,6 +314,11 @@ class _Writer:
     def _run(self) -> None:
         try:
             conn = _connect(self.path, self._check)
+            try:
+                self._locks = StoreLocks(self.path)
+            except OSError as exc:
+                conn.close()
+                raise _named(map_error(exc), self.path) from exc
         except BaseException as exc:
             self._dead = True
             if self._opened.set_running_or_notify_cancel():
@@ -320,6 +332,7 @@ class _Writer:
             self._serve(conn)
         finally:
             conn.close()
+            self._locks.close()
             with self._lock:
                 self._dead = True
                 left = [*self._waiting, *self._background]
@@ -348,7 +361,7 @@ class _Writer:
             return self._background.popleft()
         if self._waiting:
             return self._waiting.popleft()
-        if self._background and all(job.background for job in batch):
+        if self._background and all(job.background for job in batch) and not self._locks.others_waiting():
             return self._background.popleft()
         return None
 
@@ -356,13 +369,27 @@ class _Writer:
         if conn.in_transaction:
             _roll_back(conn)  # a ROLLBACK that failed last time must not cost this batch its BEGIN
         try:
+            self._locks.take_turn()
+        except OSError as exc:
+            return self._refuse(exc)
+        try:
+            return self._run_turn(conn, tx)
+        finally:
+            self._locks.end_turn()
+
+    def _refuse(self, exc: Exception) -> list[Outcome]:
+        """No transaction could begin: the jobs a batch would have taken fail with the reason."""
+        refused: list[_Job] = []
+        while (job := self._next_job(refused, 0.0)) is not None:
+            refused.append(job)
+        return _failed(refused, map_error(exc))
+
+    def _run_turn(self, conn: sqlite3.Connection, tx: Tx) -> list[Outcome]:
+        try:
             self.control(conn, "BEGIN IMMEDIATE")
         except Exception as exc:
             _roll_back(conn)
-            refused: list[_Job] = []
-            while (job := self._next_job(refused, 0.0)) is not None:
-                refused.append(job)
-            return _failed(refused, map_error(exc))
+            return self._refuse(exc)
         batch: list[_Job] = []
         outcomes: list[Outcome] = []
         background_spent = 0.0

@@ -1,0 +1,106 @@
+"""Writers of different processes take turns on the store without polling, in arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gatewayd.store import Store, Tx
+from gatewayd.store.locks import StoreLocks, lock_path
+
+
+def in_thread(target) -> threading.Thread:  # type: ignore[no-untyped-def]
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_lock_file_sits_next_to_the_store(tmp_path: Path) -> None:
+    assert lock_path(tmp_path / "gatewayd.sqlite3") == tmp_path / "gatewayd.sqlite3.lock"
+
+
+def test_a_writer_waits_for_the_turn_and_gets_it_as_soon_as_it_ends(tmp_path: Path) -> None:
+    first, second = StoreLocks(tmp_path / "s"), StoreLocks(tmp_path / "s")
+    first.take_turn()
+    got: list[float] = []
+    waiter = in_thread(lambda: (second.take_turn(), got.append(time.monotonic())))
+    time.sleep(0.2)
+    assert not got, "the turn is taken"
+    assert first.others_waiting()
+    ended = time.monotonic()
+    first.end_turn()
+    waiter.join(5)
+    assert got and got[0] - ended < 0.05, "handed over without a polling interval"
+    assert not second.others_waiting()
+    second.end_turn()
+
+
+def test_a_writer_that_just_committed_queues_behind_one_already_waiting(tmp_path: Path) -> None:
+    first, second = StoreLocks(tmp_path / "s"), StoreLocks(tmp_path / "s")
+    order: list[str] = []
+    first.take_turn()
+
+    def other() -> None:
+        second.take_turn()
+        order.append("second")
+        time.sleep(0.05)
+        second.end_turn()
+
+    waiter = in_thread(other)
+    time.sleep(0.1)
+    first.end_turn()
+    first.take_turn()  # at once, as a busy writer does
+    order.append("first again")
+    first.end_turn()
+    waiter.join(5)
+    assert order == ["second", "first again"]
+
+
+def test_only_one_worker_holds_a_store_and_a_dead_one_lets_go(tmp_path: Path) -> None:
+    store = tmp_path / "gatewayd.sqlite3"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, pathlib; from gatewayd.store.locks import StoreLocks; "
+         "assert StoreLocks(pathlib.Path(sys.argv[1])).hold_worker(); print('held', flush=True); "
+         "time.sleep(60)", str(store)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        second = StoreLocks(store)
+        assert not second.hold_worker()
+        holder.kill()
+        holder.wait()
+        assert second.hold_worker()
+        assert not StoreLocks(store).hold_worker()
+        second.close()
+        assert StoreLocks(store).hold_worker()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_a_background_batch_ends_early_when_another_stores_writer_waits(tmp_path: Path) -> None:
+    """The worker's long batches of routing and delivery writes do not hold intake's commit back."""
+    path = tmp_path / "gatewayd.sqlite3"
+    worker, intake = await Store.open(path), await Store.open(path)
+    events: list[str] = []
+    try:
+        async def slow_part(tx: Tx) -> None:
+            time.sleep(0.002)
+            events.append("background")
+
+        async def job(tx: Tx) -> None:
+            events.append("intake")
+
+        background = [slow_part] * 100
+        pending = asyncio.ensure_future(worker.transact_each(background))
+        while "background" not in events:
+            await asyncio.sleep(0.001)
+        await intake.transact(job)
+        assert events.index("intake") < 20, "intake's job waited for a few parts, not the batch of 100"
+        assert all(result is None for result in await pending)
+    finally:
+        await worker.close()
+        await intake.close()
