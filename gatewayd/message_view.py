@@ -150,7 +150,9 @@ def _clean(text: str) -> str:
     one C pass (they never occur inside a multi-byte sequence): regular
     expressions over a 100 KB body cost the router about a millisecond.
     """
-    data = text.encode("utf-8", "surrogatepass").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = text.encode("utf-8", "surrogatepass")
+    if b"\r" in data:
+        data = b"\n".join(data.splitlines())  # CRLF, CR and LF alike; a final break goes, as strip() would
     text = data.translate(None, _CONTROL_BYTES).decode("utf-8", "surrogatepass")
     return (_BLANK_LINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
 

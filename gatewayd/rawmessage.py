@@ -123,9 +123,16 @@ def decoded_text(value: str, limit: int = 998) -> str:
 
 
 def has_bare_newline(data: bytes) -> bool:
-    """True when a CR or LF appears other than as a CRLF pair, or a NUL is present."""
-    crlf = data.count(CRLF)
-    return data.count(b"\n") != crlf or data.count(b"\r") != crlf or b"\x00" in data
+    """True when a CR or LF appears other than as a CRLF pair, or a NUL is present.
+
+    ``splitlines`` breaks at CRLF, CR and LF alike, so joining its lines with
+    CRLF gives ``data`` back exactly when every break was a CRLF: one pass and
+    a compare, where counting CRLF, CR and LF took three slower ones.
+    """
+    if b"\x00" in data:
+        return True
+    rejoined = CRLF.join(data.splitlines())
+    return rejoined != data and rejoined + CRLF != data
 
 
 def normalize_newlines(data: bytes) -> bytes:

@@ -111,15 +111,11 @@ def dot_stuffed(content: bytes) -> bytes:
     A bare CR or LF is made a CRLF first, as smtplib does: left alone, a relay
     that ends lines at a bare LF could read ``LF.CRLF`` as the end of the data.
     """
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    content = content.replace(b"\r\n.", b"\r\n..")
+    # splitlines breaks at CRLF, CR and LF alike (and drops a final break, added back below).
+    content = b"\r\n".join(content.splitlines()).replace(b"\r\n.", b"\r\n..")
     if content.startswith(b"."):
         content = b"." + content
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    return content + b".\r\n"
+    return content + b"\r\n.\r\n"
 
 
 class Session:

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatewayd.addresses import AddressError, display_name, extract_address, parse_mailbox
 from gatewayd.compose import assemble, forward_head, header
@@ -173,6 +175,14 @@ class TestRawMessage:
         (b"a\r\n\n", True), (b"a\x00\r\n", True), (b"", False)])
     def test_bare_newline_detection(self, data: bytes, bare: bool) -> None:
         assert has_bare_newline(data) is bare
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xc3\xa9"]), max_size=30)
+           .map(b"".join))
+    def test_bare_newline_detection_agrees_with_counting_pairs(self, data: bytes) -> None:
+        crlf = data.count(b"\r\n")
+        assert has_bare_newline(data) is (data.count(b"\r") != crlf or data.count(b"\n") != crlf
+                                          or b"\x00" in data)
 
     def test_normalize_makes_every_line_end_crlf(self) -> None:
         assert normalize_newlines(b"a\nb\rc\r\nd\x00e\r\r\n") == b"a\r\nb\r\nc\r\nde\r\n\r\n"
