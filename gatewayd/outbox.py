@@ -193,7 +193,7 @@ class Outbox:
                     future.set_result(None)
 
     async def _attempt(self, item: OutboxItem) -> SendResult:
-        head, raw = await self.store.outbox_parts(item.id)
+        head, raw = await self.store.outbox_parts(item.id, item.message)
         if raw is None:
             content = head
         elif len(raw) > _INLINE_ASSEMBLY:

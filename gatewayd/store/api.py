@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -148,8 +149,37 @@ def work_done_statement(work: int, now: float | None = None) -> Statement:
     return ("UPDATE work SET done_at = ? WHERE id = ?", (now if now is not None else time.time(), work))
 
 
+class RecentRaw:
+    """The bytes of recently read messages, up to a budget: the router reads a message and the outbox
+    sends it moments later, and a stored message never changes, so the second read can be skipped."""
+
+    def __init__(self, budget: int = 16 * 1024 * 1024) -> None:
+        self._budget = budget
+        self._size = 0
+        self._raws: OrderedDict[int, bytes] = OrderedDict()
+
+    def get(self, message: int) -> bytes | None:
+        raw = self._raws.get(message)
+        if raw is not None:
+            self._raws.move_to_end(message)
+        return raw
+
+    def put(self, message: int, raw: bytes) -> None:
+        if len(raw) > self._budget // 4 or message in self._raws:
+            return
+        self._raws[message] = raw
+        self._size += len(raw)
+        while self._size > self._budget:
+            _, dropped = self._raws.popitem(last=False)
+            self._size -= len(dropped)
+
+
 class Store(Database):
     """The gatewayd store. ``await Store.open(path)`` creates or upgrades it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.recent = RecentRaw()
 
     async def overdue(self) -> list[tuple[int, str, str]]:
         """``(ticket, team, agent)`` of every overdue ticket; team/agent are '' when unset."""
@@ -193,8 +223,11 @@ class Store(Database):
             "SELECT id, ticket, direction, listener, mail_from, rcpt_to, message_id, size, received_at, raw, auth "
             f"FROM messages WHERE id IN ({marks}) AND size <= ?",
             (*messages, max_size if max_size is not None else 2**62))
-        return {row[0]: Inbound(_message_records([row[:9]])[0], bytes(row[9]),
-                                json.loads(row[10]) if row[10] else None) for row in rows}
+        found = {row[0]: Inbound(_message_records([row[:9]])[0], bytes(row[9]),
+                                 json.loads(row[10]) if row[10] else None) for row in rows}
+        for number, inbound in found.items():
+            self.recent.put(number, inbound.raw)
+        return found
 
     async def tickets_by_number(self, numbers: Collection[int]) -> dict[int, TicketRecord]:
         marks = ",".join("?" * len(numbers))
@@ -250,8 +283,14 @@ class Store(Database):
             tuple(excluding))
         return row[0] if row else None
 
-    async def outbox_parts(self, item: int) -> tuple[bytes, bytes | None]:
-        """gatewayd's head and the raw bytes of the message it forwards (None when head is all)."""
+    async def outbox_parts(self, item: int, message: int | None = None) -> tuple[bytes, bytes | None]:
+        """gatewayd's head and the raw bytes of ``message``, which it forwards (None when head is all)."""
+        raw = self.recent.get(message) if message is not None else None
+        if raw is not None:
+            row = await self.fetchone("SELECT head FROM outbox WHERE id = ?", (item,))
+            if row is None:
+                raise KeyError(f"outbox item {item} is not in the store")
+            return bytes(row[0]), raw
         row = await self.fetchone(
             "SELECT o.head, m.raw FROM outbox o LEFT JOIN messages m ON m.id = o.message WHERE o.id = ?", (item,))
         if row is None:

@@ -17,6 +17,7 @@ import pytest
 
 from gatewayd.errors import StoreCorrupt, StoreFull, StoreUnavailable
 from gatewayd.store import Store, Tx, Writes
+from gatewayd.store.api import RecentRaw
 from gatewayd.store.schema import LATEST, MIGRATIONS
 
 
@@ -497,3 +498,46 @@ class TestClose:
         with pytest.raises(StoreUnavailable):
             await asyncio.wait_for(store.transact(lambda tx: tx.fetchone("SELECT 1")), 5)
         await closing
+
+
+class TestRecentMessages:
+    """The outbox sends what the router read moments before without reading it again."""
+
+    @staticmethod
+    async def add_forward(store: Store, raw: bytes) -> tuple[int, int]:
+        async def write(tx: Tx) -> tuple[int, int]:
+            message = await tx.execute(
+                "INSERT INTO messages (direction, mail_from, rcpt_to, digest, size, raw, received_at) "
+                "VALUES ('in', 'carol@customer.test', '[]', 'd', ?, ?, 1.0)", (len(raw), raw))
+            item = await tx.execute(
+                "INSERT INTO outbox (kind, message, mail_from, rcpt, message_id, head, next_attempt_at, "
+                "created_at, updated_at) VALUES ('forward', ?, 'b@gw.test', 'alice@agents.test', '<f@gw.test>', "
+                "?, 0, 0, 0)", (message, b"X-Head: 1\r\n"))
+            return message, item
+        return await store.transact(write)
+
+    async def test_a_message_the_router_read_is_sent_without_reading_it_again(self, store: Store) -> None:
+        message, item = await self.add_forward(store, b"Subject: one\r\n\r\nbody\r\n")
+        assert (await store.inbound(message)).raw == b"Subject: one\r\n\r\nbody\r\n"  # type: ignore[union-attr]
+        # Stored messages never change; this one does only to show which read answered.
+        await store.transact(lambda tx: tx.execute("UPDATE messages SET raw = x'00' WHERE id = ?", (message,)))
+        assert await store.outbox_parts(item, message) == (b"X-Head: 1\r\n", b"Subject: one\r\n\r\nbody\r\n")
+        assert await store.outbox_parts(item) == (b"X-Head: 1\r\n", b"\x00")
+
+    async def test_a_message_nobody_read_yet_comes_from_the_store(self, store: Store) -> None:
+        message, item = await self.add_forward(store, b"Subject: two\r\n\r\nbody\r\n")
+        assert await store.outbox_parts(item, message) == (b"X-Head: 1\r\n", b"Subject: two\r\n\r\nbody\r\n")
+        with pytest.raises(KeyError):
+            await store.outbox_parts(item + 1, message + 1)
+
+    def test_the_least_recently_used_go_first_and_big_ones_are_not_kept(self) -> None:
+        recent = RecentRaw(budget=400)
+        recent.put(1, b"a" * 100)
+        recent.put(2, b"b" * 100)
+        recent.put(3, b"c" * 100)
+        assert recent.get(1) == b"a" * 100  # now the most recent
+        recent.put(4, b"d" * 100)
+        recent.put(5, b"e" * 100)
+        assert {n for n in range(1, 6) if recent.get(n) is not None} == {1, 3, 4, 5}
+        recent.put(6, b"f" * 101)
+        assert recent.get(6) is None, "over a quarter of the budget"
