@@ -125,6 +125,10 @@ class WorkerProcess:
         self._reader: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._answers: dict[int, asyncio.Future[Samples]] = {}
+        # The counts of this worker at its last report, and of the workers before it: a
+        # restart must not make the daemon's counters go down.
+        self._reported: Samples = {}
+        self._retired: Samples = {}
         self._requests = 0
         self._wake_pending = False
         self._stopping = False
@@ -155,20 +159,23 @@ class WorkerProcess:
         self._send("reconfigure", config)
 
     async def samples(self) -> Samples:
-        """The worker's metric counts; empty while it is down or slow to answer (the scrape goes on)."""
-        if self._channel is None:
-            return {}
-        self._requests += 1
-        request = self._requests
-        answer = self._answers[request] = asyncio.get_running_loop().create_future()
-        self._send("samples", request)
-        try:
-            return await asyncio.wait_for(answer, SAMPLES_TIMEOUT)
-        except (TimeoutError, ConnectionError):
-            log.warning("the worker process did not report its metrics; this scrape has the daemon's alone")
-            return {}
-        finally:
-            self._answers.pop(request, None)
+        """The worker's metric counts, those of earlier (restarted) workers included.
+
+        While it is down or slow to answer, its last report stands in, so the
+        scrape goes on and no counter goes down.
+        """
+        if self._channel is not None:
+            self._requests += 1
+            request = self._requests
+            answer = self._answers[request] = asyncio.get_running_loop().create_future()
+            self._send("samples", request)
+            try:
+                self._reported = await asyncio.wait_for(answer, SAMPLES_TIMEOUT)
+            except (TimeoutError, ConnectionError):
+                log.warning("the worker process did not report its metrics in time; its last report stands in")
+            finally:
+                self._answers.pop(request, None)
+        return _added(self._retired, self._reported)
 
     async def stop(self, grace: float) -> None:
         """Lets the worker finish deliveries in flight within ``grace`` seconds, then waits for it to exit."""
@@ -196,7 +203,8 @@ class WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gatewayd.worker_process", str(theirs.fileno()),
+                # -P: nothing from the working directory (the store's) shadows gatewayd's modules.
+                sys.executable, "-P", "-m", "gatewayd.worker_process", str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_environment())
         except BaseException:
             ours.close()
@@ -231,6 +239,7 @@ class WorkerProcess:
             started = time.monotonic()
             status = await self._process.wait()
             self._disconnect()
+            self._retired, self._reported = _added(self._retired, self._reported), {}
             failures = 1 if time.monotonic() - started >= STABLE_AFTER else failures + 1
             delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1]
             log.error("the worker process exited with status %s; routing and delivery wait in the store until "
@@ -264,6 +273,13 @@ class WorkerProcess:
             self._channel.send(*message)
 
 
+def _added(first: Samples, second: Samples) -> Samples:
+    total = dict(first)
+    for key, value in second.items():
+        total[key] = total.get(key, 0.0) + value
+    return total
+
+
 def _environment() -> dict[str, str]:
     """The daemon's environment, minus systemd's notify socket (only the daemon speaks to systemd), and with
     this gatewayd first on the path, whichever way the daemon was started."""
@@ -291,7 +307,7 @@ async def _serve(fd: int) -> int:
     locks = StoreLocks(config.store.path)
     try:
         await _hold_worker(locks)
-        store = await Store.open(config.store.path)
+        store = await Store.open(config.store.path, inline_reads=True)
         try:
             metrics = Metrics()
             metrics.watch_store(lambda: store.stats)

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import aiosqlite
 
@@ -145,7 +145,7 @@ class CommitStats:
 class Database:
     """The writer thread and the reader connection; create with :meth:`open` of a subclass."""
 
-    def __init__(self, path: Path, writer: "_Writer", reader: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, writer: "_Writer", reader: "_Reader") -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
@@ -158,30 +158,27 @@ class Database:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def open(cls, path: str | Path, *, group_limit: int = 128, check: bool = False) -> "Self":
+    async def open(cls, path: str | Path, *, group_limit: int = 128, check: bool = False,
+                   inline_reads: bool = False) -> "Self":
         """Opens (creating if absent) and migrates the store.
 
         An existing file that is not a healthy gatewayd store raises
         :class:`StoreCorrupt` naming it; it is never recreated. ``check`` runs
         ``PRAGMA quick_check`` as well, which the daemon does at start.
+        ``inline_reads`` reads on the event loop's thread instead of a reader
+        thread: for the worker process, whose loop serves no SMTP client, the
+        hand-over to a thread and back costs more than an indexed read.
         """
         path = Path(path)
         writer = _Writer(path, group_limit, check, asyncio.get_running_loop())
         await writer.opened()
         try:
-            reader = await aiosqlite.connect(path, isolation_level=None)
+            reader = _InlineReader.open(path) if inline_reads else await _ThreadReader.open(path)
         except (OSError, sqlite3.Error) as exc:
             await writer.stop()
             raise _named(map_error(exc), path) from exc
-        try:
-            reader.row_factory = sqlite3.Row
-            await reader.execute("PRAGMA busy_timeout=10000")
-            await reader.execute("PRAGMA query_only=ON")
-        except BaseException as exc:
-            await reader.close()
+        except BaseException:
             await writer.stop()
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise _named(map_error(exc), path) from exc
             raise
         return cls(path, writer, reader)
 
@@ -237,7 +234,7 @@ class Database:
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
-            return list(await self._reader.execute_fetchall(sql, params))
+            return await self._reader.fetchall(sql, params)
         except sqlite3.Error as exc:
             raise map_error(exc) from exc
 
@@ -248,6 +245,64 @@ class Database:
         except StoreError:
             return False
         return True
+
+
+class _Reader(Protocol):
+    """The read-only connection: one for the store's lifetime, every read through it."""
+
+    async def fetchall(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]: ...
+
+    async def close(self) -> None: ...
+
+
+class _ThreadReader:
+    """Reads in aiosqlite's thread, so that a long one never pauses the SMTP sessions on the loop."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> "_ThreadReader":
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn)
+
+    async def fetchall(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        return list(await self._conn.execute_fetchall(sql, params))
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+class _InlineReader:
+    """Reads on the calling thread (see ``inline_reads``); a WAL reader never waits for a writer."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    def open(cls, path: Path) -> "_InlineReader":
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn)
+
+    async def fetchall(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+    async def close(self) -> None:
+        self._conn.close()
 
 
 async def _probe(tx: Tx) -> None:

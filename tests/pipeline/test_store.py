@@ -541,3 +541,27 @@ class TestRecentMessages:
         assert {n for n in range(1, 6) if recent.get(n) is not None} == {1, 3, 4, 5}
         recent.put(6, b"f" * 101)
         assert recent.get(6) is None, "over a quarter of the budget"
+
+
+class TestInlineReads:
+    """The worker process reads on its loop's thread; the reads behave as the reader thread's do."""
+
+    async def test_reads_see_every_commit_and_never_write(self, tmp_path: Path) -> None:
+        async with await Store.open(tmp_path / "s.sqlite3", inline_reads=True) as store:
+            await store.transact(lambda tx: insert_probe(tx, "first"))
+            assert await probe_labels(store) == ["first"]
+            await store.transact(lambda tx: insert_probe(tx, "second"))
+            assert await probe_labels(store) == ["first", "second"]
+            with pytest.raises(StoreUnavailable, match="readonly"):
+                await store.fetchall("DELETE FROM events")
+            assert await probe_labels(store) == ["first", "second"]
+
+    async def test_no_reader_thread_is_started(self, tmp_path: Path) -> None:
+        before = threading.active_count()
+        async with await Store.open(tmp_path / "inline.sqlite3", inline_reads=True) as store:
+            assert await store.fetchone("SELECT 1") is not None
+            inline = threading.active_count() - before
+        async with await Store.open(tmp_path / "threaded.sqlite3") as store:
+            assert await store.fetchone("SELECT 1") is not None
+            threaded = threading.active_count() - before
+        assert (inline, threaded) == (1, 2), "the writer alone; the writer and aiosqlite's reader"
