@@ -29,7 +29,7 @@ from . import config as config_module
 from . import sdnotify
 from .config import Config
 from .discovery import load_chain
-from .errors import ConfigError
+from .errors import ConfigError, WorkerFailed
 from .http import serve
 from .ids import TicketIds
 from .intake import Intake
@@ -39,6 +39,7 @@ from .outbox import Outbox
 from .router import Router
 from .sla import SlaClock
 from .store import Store
+from .store.locks import StoreLocks
 from .worker import Worker
 from .worker_process import WorkerProcess
 
@@ -114,6 +115,7 @@ class Daemon:
         self._sessions = Sessions()
         self.store: Store | None = None
         self.worker: Worker | WorkerProcess | None = None
+        self._worker_lock: StoreLocks | None = None
         self._intake: Intake | None = None
 
     def _inline(self) -> Worker:
@@ -143,6 +145,10 @@ class Daemon:
             worker: Worker | WorkerProcess = WorkerProcess(self.metrics)
             await worker.start(config)
         else:
+            self._worker_lock = StoreLocks(config.store.path)
+            if not self._worker_lock.hold_worker():
+                raise WorkerFailed(f"another gatewayd's worker runs on {config.store.path} (it holds "
+                                   f"{self._worker_lock.path}); two would deliver the same mail twice")
             worker = Worker(config, self.store, self.metrics, self._chain)
             worker.start()
         self.worker = worker
@@ -266,6 +272,8 @@ class Daemon:
                         "(none of them had a 250; their clients will retry)", grace, abandoned)
         if self.worker is not None:
             await self.worker.stop(max(0.0, deadline - time.monotonic()))
+        if self._worker_lock is not None:
+            self._worker_lock.close()
         if self.store is not None:
             await self.store.close()
         log.info("gatewayd stopped")

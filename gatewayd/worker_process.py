@@ -56,8 +56,9 @@ log = logging.getLogger("gatewayd.worker")
 
 START_TIMEOUT = 60.0
 SAMPLES_TIMEOUT = 2.0
-# A stop waits this much longer than the grace for the worker to record its last results.
-STOP_MARGIN = 10.0
+# A stop waits this much longer than the grace for the worker to record its last results
+# (systemd's TimeoutStopSec must exceed shutdown_grace by more than this).
+STOP_MARGIN = 5.0
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A worker that ran this long before it died starts again after the shortest pause.
 STABLE_AFTER = 60.0
@@ -131,7 +132,6 @@ class WorkerProcess:
         self._retired: Samples = {}
         self._requests = 0
         self._wake_pending = False
-        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -164,27 +164,31 @@ class WorkerProcess:
         While it is down or slow to answer, its last report stands in, so the
         scrape goes on and no counter goes down.
         """
-        if self._channel is not None:
+        channel = self._channel
+        if channel is not None:
             self._requests += 1
             request = self._requests
             answer = self._answers[request] = asyncio.get_running_loop().create_future()
-            self._send("samples", request)
+            channel.send("samples", request)
             try:
-                self._reported = await asyncio.wait_for(answer, SAMPLES_TIMEOUT)
+                report = await asyncio.wait_for(answer, SAMPLES_TIMEOUT)
             except (TimeoutError, ConnectionError):
                 log.warning("the worker process did not report its metrics in time; its last report stands in")
+            else:
+                if self._channel is channel:  # not a worker that died meanwhile: its counts are retired
+                    self._reported = report
             finally:
                 self._answers.pop(request, None)
         return _added(self._retired, self._reported)
 
     async def stop(self, grace: float) -> None:
         """Lets the worker finish deliveries in flight within ``grace`` seconds, then waits for it to exit."""
-        self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
         process = self._process
         if process is None or process.returncode is not None:
+            self._disconnect()
             return
         self._send("stop", grace)
         try:
@@ -211,17 +215,25 @@ class WorkerProcess:
             raise
         finally:
             theirs.close()
-        self._channel = await Channel.over(ours)
-        self._channel.send("start", self._config)
         try:
-            ready = await asyncio.wait_for(self._channel.receive(), START_TIMEOUT)
+            self._channel = channel = await Channel.over(ours)
+        except BaseException:
+            ours.close()
+            await self._end_process()
+            raise
+        try:
+            channel.send("start", self._config)
+            ready = await asyncio.wait_for(channel.receive(), START_TIMEOUT)
         except TimeoutError:
             ready = None
+        except BaseException:
+            await self._end_process()
+            raise
         if ready != ("ready",):
             await self._end_process()
             raise WorkerFailed("the worker process (routing and delivery) did not start; its log lines above "
                                "say why")
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._channel), name="worker-channel")
+        self._reader = asyncio.get_running_loop().create_task(self._read(channel), name="worker-channel")
         log.info("worker process started pid=%d", self._process.pid)
 
     async def _read(self, channel: Channel) -> None:
@@ -248,8 +260,10 @@ class WorkerProcess:
             await asyncio.sleep(delay)
             try:
                 await self._spawn()
-            except (WorkerFailed, OSError) as exc:
+            except WorkerFailed as exc:
                 log.error("%s", exc)
+            except Exception:
+                log.exception("the worker process could not be started again; trying once more later")
 
     async def _end_process(self) -> None:
         self._disconnect()

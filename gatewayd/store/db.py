@@ -69,7 +69,9 @@ _CORE_TABLES = {"tickets", "messages", "events", "work", "outbox"}  # created by
 # 1 ms 530-623 and 0.5 ms 690, the router and outbox keeping the same pace
 # (bench, gatewayd-only runs).
 BACKGROUND_SHARE = 0.0005
-_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=10000")
+# How long a writer waits for another (SQLite's lock, or the write turn) before its jobs fail.
+BUSY_TIMEOUT = 10.0
+_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", f"busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
 
 
 def map_error(exc: BaseException) -> StoreError:
@@ -266,7 +268,7 @@ class _ThreadReader:
         conn = await aiosqlite.connect(path, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
-            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
             await conn.execute("PRAGMA query_only=ON")
         except BaseException:
             await conn.close()
@@ -291,7 +293,7 @@ class _InlineReader:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
             conn.execute("PRAGMA query_only=ON")
         except BaseException:
             conn.close()
@@ -424,9 +426,13 @@ class _Writer:
         if conn.in_transaction:
             _roll_back(conn)  # a ROLLBACK that failed last time must not cost this batch its BEGIN
         try:
-            self._locks.take_turn()
+            turn = self._locks.take_turn(BUSY_TIMEOUT)
         except OSError as exc:
             return self._refuse(exc)
+        if not turn:
+            return self._refuse(StoreUnavailable(
+                f"another process has held the store's write turn for over {BUSY_TIMEOUT:.0f}s "
+                f"({self._locks.path}); a writer stopped inside its transaction?"))
         try:
             return self._run_turn(conn, tx)
         finally:

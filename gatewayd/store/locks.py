@@ -18,14 +18,19 @@ These locks on ``<store>.lock`` hand the write turn over without polling:
 They are open-file-description locks (Linux ≥ 3.15): they belong to the open
 file, not to the process, so two stores open in one process exclude each
 other as well, and closing some other descriptor of the file drops nothing.
-A process that dies releases its locks with its descriptors.
+A process that dies releases its locks with its descriptors. A writer that
+stops inside its transaction (SIGSTOP, a debugger) keeps them: the others
+give up after a deadline, as SQLite's busy timeout would, instead of waiting
+for ever.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
+import threading
 from pathlib import Path
 
 # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padded as in C.
@@ -43,14 +48,34 @@ class StoreLocks:
     def __init__(self, store: Path) -> None:
         self.path = lock_path(store)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def take_turn(self) -> None:
-        """Blocks until this writer may begin a write transaction, in arrival order."""
-        self._set(_QUEUE, fcntl.F_WRLCK, wait=True)
         try:
-            self._set(_TURN, fcntl.F_WRLCK, wait=True)
-        finally:
-            self._set(_QUEUE, fcntl.F_UNLCK)
+            _same_owner(self._fd, store)
+        except OSError:
+            os.close(self._fd)
+            raise
+        # A wait for the turn runs in a thread of its own, so the writer can give
+        # up on it; at most one such wait exists, and a later writer adopts it.
+        self._waits = threading.Condition()
+        self._waiting = False
+        self._wanted = False
+        self._granted = False
+
+    def take_turn(self, timeout: float) -> bool:
+        """Waits until this writer may begin a write transaction, in arrival order.
+
+        False when the turn did not come within ``timeout`` seconds.
+        """
+        with self._waits:
+            if not self._waiting and self._try_turn():
+                return True
+            self._wanted = True
+            if not self._waiting:
+                self._waiting = True
+                threading.Thread(target=self._wait_for_turn, name="store-turn", daemon=True).start()
+            granted = self._waits.wait_for(lambda: self._granted, timeout)
+            self._wanted = False
+            self._granted = False
+            return granted
 
     def end_turn(self) -> None:
         self._set(_TURN, fcntl.F_UNLCK)
@@ -73,7 +98,46 @@ class StoreLocks:
             os.close(self._fd)
             self._fd = -1
 
+    def _try_turn(self) -> bool:
+        """The turn at once if nobody holds it or waits for it (the queue byte comes first)."""
+        try:
+            self._set(_QUEUE, fcntl.F_WRLCK)
+        except BlockingIOError:
+            return False
+        try:
+            self._set(_TURN, fcntl.F_WRLCK)
+        except BlockingIOError:
+            return False
+        finally:
+            self._set(_QUEUE, fcntl.F_UNLCK)
+        return True
+
+    def _wait_for_turn(self) -> None:
+        """In the helper thread: queue, wait for the turn, then hand it to the writer that still wants it."""
+        got = False
+        try:
+            self._set(_QUEUE, fcntl.F_WRLCK, wait=True)
+            try:
+                self._set(_TURN, fcntl.F_WRLCK, wait=True)
+                got = True
+            finally:
+                self._set(_QUEUE, fcntl.F_UNLCK)
+        except OSError:
+            pass  # the descriptor was closed: the store is gone
+        with self._waits:
+            self._waiting = False
+            if got and self._wanted:
+                self._granted = True
+                self._waits.notify_all()
+            elif got:
+                try:
+                    self.end_turn()  # the writer gave up meanwhile
+                except OSError:
+                    pass  # closed meanwhile, which released the turn
+
     def _set(self, byte: int, kind: int, *, wait: bool = False) -> None:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the store's lock file is closed")
         command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
         try:
             fcntl.fcntl(self._fd, command, struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0))
@@ -83,3 +147,14 @@ class StoreLocks:
     def _holder(self, byte: int) -> bool:
         answer = fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
         return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def _same_owner(fd: int, store: Path) -> None:
+    """Root (a CLI command run with sudo) creates the lock file for the store's owner, as SQLite does
+    for ``-wal`` and ``-shm``: a root-owned 0600 lock file would keep the service from opening it."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(store if store.exists() else store.parent)
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (owner.st_uid, owner.st_gid):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
