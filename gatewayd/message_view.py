@@ -36,7 +36,7 @@ def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str],
     try:
         message = parse(raw)
         headers = _headers(message)
-        body = _body(message, max_depth)
+        body = _body(message, max_depth, max_body)
     except Exception:
         headers, body = _fallback(raw)
     subject = " ".join(headers.get("subject", ("",))[0].split())
@@ -90,13 +90,30 @@ def _decode_header(raw: str) -> str:
     return _CONTROL.sub("", decoded.replace("\t", " "))
 
 
-def _body(message: Message, max_depth: int) -> str:
+def _body(message: Message, max_depth: int, limit: int) -> str:
     plain, html = _first_text_parts(message, max_depth)
     if plain is not None:
-        return _clean(_decode_part(plain))
+        return _clean_start(_decode_part(plain), limit)
     if html is not None:
-        return _clean(_strip_html(_decode_part(html)))
+        return _clean_start(_strip_html(_decode_part(html)), limit)
     return ""
+
+
+def _clean_start(text: str, limit: int) -> str:
+    """``_clean(text)[:limit]``, cleaning little more than ``limit`` characters of a long text.
+
+    Cleaning only drops characters and merges line breaks with their
+    neighbours, so a cleaned start of the text is a start of the cleaned
+    whole up to its last non-blank character (only the trailing blanks that
+    ``strip`` removes can differ). When it is longer than ``limit``, its first
+    ``limit`` characters are the answer; otherwise the whole text is cleaned.
+    """
+    start = limit + limit // 8
+    if len(text) > start:
+        cleaned = _clean(text[:start])
+        if len(cleaned) >= limit:
+            return cleaned[:limit]
+    return _clean(text)[:limit]
 
 
 def _first_text_parts(message: Message, max_depth: int) -> tuple[Message | None, Message | None]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatewayd import message_view
-from gatewayd.message_view import _clean, message_view_from_bytes
+from gatewayd.message_view import _clean, _clean_start, message_view_from_bytes
 
 RCPT = ["support@example.test"]
 
@@ -114,6 +114,12 @@ def test_body_text_has_lf_line_ends_no_control_characters_and_no_runs_of_blank_l
     expected = text.replace("\r\n", "\n").replace("\r", "\n")
     expected = re.sub(r"\n{3,}", "\n\n", _REFERENCE_CONTROL.sub("", expected)).strip()
     assert _clean(text) == expected
+
+
+@given(st.text(st.sampled_from("ab \t\r\n\x00\x0b")), st.integers(0, 40))
+@settings(max_examples=1000, deadline=None)
+def test_a_long_body_is_cleaned_only_as_far_as_it_is_kept(text, limit):
+    assert _clean_start(text, limit) == _clean(text)[:limit]
 
 
 _field = st.sampled_from([b"Subject: hi", b"Content-Type: text/plain; charset=utf-8", b"Content-Type: text/html",
