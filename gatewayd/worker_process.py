@@ -133,10 +133,6 @@ class WorkerProcess:
         self._requests = 0
         self._wake_pending = False
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.returncode is None else None
-
     async def start(self, config: Config) -> None:
         """Starts the worker and waits until it runs; raises :class:`WorkerFailed` when it cannot start."""
         self._config = config
