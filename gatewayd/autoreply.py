@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .addresses import display_name, extract_address
 from .config import Config, RateConfig
 from .dkim import Verdict
-from .rawmessage import RawField, fields, split_message
+from .rawmessage import RawField, fields, header_block
 from .store import Tx
 
 _PRECEDENCE = frozenset({"bulk", "junk", "list", "auto_reply"})
@@ -74,7 +74,7 @@ class Policy:
         self._no_receipt_unauthenticated = config.authentication.unauthenticated != "accept"
 
     def decide(self, mail_from: str, message: bytes, verdict: Verdict) -> Decision:
-        block, _ = split_message(message)
+        block = header_block(message)
         headers = list(fields(block))
         reason = self._suppressed(mail_from, headers, verdict)
         if reason:

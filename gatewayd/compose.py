@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from .ids import TicketIds, message_ids
-from .rawmessage import CRLF, decoded_text, fields, split_message, unfold
+from .rawmessage import CRLF, decoded_text, fields, header_block, unfold
 
 _REPLACEABLE = frozenset({"subject", "message-id", "references", "reply-to", "in-reply-to"})
 _MAX_LINE = 900
@@ -49,7 +49,7 @@ def forward_head(ids: TicketIds, number: int, raw: bytes, *, agent: str, message
     ``reply_to`` is the agent's signed reply address, so the answer comes back
     through gatewayd instead of going straight to the customer.
     """
-    block, _ = split_message(raw)
+    block = header_block(raw)
     original: dict[str, bytes] = {}
     for f in fields(block):
         original.setdefault(f.name, f.raw.partition(b":")[2])
@@ -95,7 +95,7 @@ def assemble(head: bytes, raw: bytes) -> bytes:
     ours = {authserv_id(f.value) for f in head_fields if f.name == "authentication-results"}
     if not replaced and not ours:
         return head + raw
-    block, _ = split_message(raw)
+    block = header_block(raw)
     if not block:
         return head + raw
     groups: list[list[bytes]] = []

@@ -31,7 +31,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .dmarc import DmarcResult, NotCached, evaluate as evaluate_dmarc, from_domain
-from .rawmessage import fields, split_message
+from .rawmessage import fields, header_block
 
 if TYPE_CHECKING:
     from .config import DkimConfig, DnsConfig
@@ -133,7 +133,7 @@ class Signer:
 
     def sign(self, message: bytes) -> bytes:
         """``message`` with a DKIM-Signature on top; blocking, call it in a thread."""
-        block, _ = split_message(message)
+        block = header_block(message)
         present = [f.name for f in fields(block)]
         names = [n for n in SIGNED_HEADERS if n in present] + ["from"]
         signature = dkim.DKIM(message).sign(
@@ -243,7 +243,7 @@ _MAX_SIGNATURES = 5
 
 def verify_blocking(message: bytes, dnsfunc: DnsFunc, timeout: float) -> Verdict:
     """Checks up to five DKIM signatures of ``message``; blocking, call it in a thread."""
-    block, _ = split_message(message)
+    block = header_block(message)
     count = sum(1 for f in fields(block) if f.name == "dkim-signature")
     results: list[SignatureResult] = []
     for index in range(min(count, _MAX_SIGNATURES)):
@@ -291,7 +291,7 @@ class Verifier:
         return cls(CachingResolver(dns), dns.timeout)
 
     async def check(self, message: bytes) -> Verdict:
-        block, _ = split_message(message)
+        block = header_block(message)
         signed = any(f.name == "dkim-signature" for f in fields(block))
 
         def run() -> Verdict:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .addresses import extract_address
-from .rawmessage import fields, split_message
+from .rawmessage import fields, header_block
 
 DnsFunc = Callable[..., bytes | None]
 
@@ -116,7 +116,7 @@ def parse_record(text: bytes | str | None) -> Record | None:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the single From address, lower-cased and checked to be a DNS name; else None."""
-    block, _ = split_message(message)
+    block = header_block(message)
     found = [f for f in fields(block) if f.name == "from"]
     if len(found) != 1:
         return None

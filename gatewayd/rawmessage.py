@@ -33,17 +33,18 @@ def unfold(value: bytes) -> bytes:
     return re.sub(rb"\r\n(?=[ \t])", b"", value).rstrip(b"\r\n")
 
 
-def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """``(header block including its final CRLF, body)``; a message without a blank line is all headers."""
+def header_block(data: bytes) -> bytes:
+    """The header block including its final CRLF; a message without a blank line is all headers.
+
+    The body is ``data[len(block) + 2:]``; nothing here copies it.
+    """
     if data.startswith(CRLF):
-        return b"", data[2:]
+        return b""
     end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return data, b""
-    return data[: end + 2], data[end + 4:]
+    return data if end < 0 else data[: end + 2]
 
 
-def fields(header_block: bytes) -> Iterator[RawField]:
+def fields(block: bytes) -> Iterator[RawField]:
     """Each header field with its folded raw bytes (without the final CRLF).
 
     Lines that are neither a field nor a continuation are skipped: they are
@@ -51,7 +52,7 @@ def fields(header_block: bytes) -> Iterator[RawField]:
     """
     current: list[bytes] = []
     name = ""
-    for line in header_block.split(CRLF):
+    for line in block.split(CRLF):
         if line[:1] in (b" ", b"\t") and current:
             current.append(line)
             continue
@@ -82,10 +83,10 @@ class HeaderSummary:
 
     @classmethod
     def of(cls, data: bytes) -> "HeaderSummary":
-        header_block, _ = split_message(data)
+        block = header_block(data)
         first: dict[str, str] = {}
         received = own = 0
-        for f in fields(header_block):
+        for f in fields(block):
             if f.name == "received":
                 received += 1
             elif f.name == "x-gatewayd-ticket":
@@ -104,7 +105,7 @@ class HeaderSummary:
             reply_to=first.get("reply-to", ""),
             received_count=received,
             gatewayd_ticket_count=own,
-            header_size=len(header_block),
+            header_size=len(block),
         )
 
 

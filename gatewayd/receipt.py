@@ -21,7 +21,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 
 from .addresses import has_control, parse_mailbox
-from .rawmessage import fields, split_message
+from .rawmessage import fields, header_block
 from .templates import TemplateSet
 
 _MESSAGE_ID = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>$")
@@ -112,7 +112,7 @@ def _escaped(values: Mapping[str, str]) -> dict[str, str]:
 
 def check_headers(data: bytes) -> None:
     """Refuses a built message whose header block holds anything but our fields, once each."""
-    block, _ = split_message(data)
+    block = header_block(data)
     names = [f.name for f in fields(block)]
     unexpected = set(names) - _HEADERS
     repeated = {n for n in names if names.count(n) > 1}

@@ -12,7 +12,7 @@ import pytest
 
 from gatewayd import cli
 from gatewayd.dkim import GeneratedKey, Signer, Verifier, load_private_key, verify_blocking
-from gatewayd.rawmessage import fields, split_message
+from gatewayd.rawmessage import fields, header_block
 from tests.autoreply.conftest import autoreply_yaml, forwards, outcome, receipts, settle
 from tests.support.smtp import message, send_message
 
@@ -25,7 +25,7 @@ def sign_inbound(raw: bytes, key: GeneratedKey, domain: str = "customer.test") -
 
 
 def signature_tags(data: bytes) -> dict[str, str]:
-    block, _ = split_message(data)
+    block = header_block(data)
     [value] = [f.value for f in fields(block) if f.name == "dkim-signature"]
     return {k.strip(): v.strip() for k, _, v in (t.partition("=") for t in re.sub(r"\s+", "", value).split(";"))
             if k.strip()}
@@ -38,7 +38,7 @@ def dkim_yaml(tmp_path: Path, key: GeneratedKey, algorithm: str = "rsa-sha256") 
 
 
 def top_auth_results(data: bytes) -> list[str]:
-    block, _ = split_message(data)
+    block = header_block(data)
     return [f.value for f in fields(block) if f.name == "authentication-results"]
 
 

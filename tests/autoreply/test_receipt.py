@@ -6,7 +6,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 
 from gatewayd.addresses import extract_address
-from gatewayd.rawmessage import fields, split_message
+from gatewayd.rawmessage import fields, header_block
 from tests.autoreply.conftest import autoreply_yaml, forwards, outcome, receipts, settle
 from tests.support.smtp import message, send_message
 
@@ -19,7 +19,7 @@ def parse(data: bytes) -> EmailMessage:
 
 
 def header_names(data: bytes) -> list[str]:
-    block, _ = split_message(data)
+    block = header_block(data)
     return [f.name for f in fields(block)]
 
 

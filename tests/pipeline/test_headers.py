@@ -20,7 +20,7 @@ from gatewayd.addresses import AddressError, display_name, extract_address, pars
 from gatewayd.compose import assemble, forward_head, header
 from gatewayd.ids import TicketIds, message_ids
 from gatewayd.rawmessage import (HeaderSummary, decoded_text, fields, has_bare_newline, normalize_newlines,
-                                 split_message)
+                                 header_block)
 
 IDS = TicketIds("SUP", "gw.example.test", b"test-secret-123")
 INJECTION = "=?utf-8?q?hello=0D=0ABcc:_victim@evil.test?="
@@ -149,14 +149,20 @@ class TestRawMessage:
     RAW = (b"Received: from a\r\nReceived: from b\r\nSubject: hello\r\n world\r\nMessage-ID:  <m@x.example> \r\n"
            b"X-Gatewayd-Ticket: SUP-1\r\nsubject: second\r\n\r\nbody\r\n\r\nmore\r\n")
 
-    def test_split_keeps_the_body_byte_for_byte(self) -> None:
-        head, body = split_message(self.RAW)
+    def test_the_header_block_ends_where_the_body_begins_byte_for_byte(self) -> None:
+        head = header_block(self.RAW)
+        body = self.RAW[len(head) + 2:]
         assert head.endswith(b"second\r\n")
         assert body == b"body\r\n\r\nmore\r\n"
         assert head + b"\r\n" + body == self.RAW
 
+    @pytest.mark.parametrize(("data", "block"), [
+        (b"\r\nbody", b""), (b"A: 1\r\nB: 2", b"A: 1\r\nB: 2"), (b"A: 1\r\n\r\n", b"A: 1\r\n")])
+    def test_no_headers_and_no_body_are_both_possible(self, data: bytes, block: bytes) -> None:
+        assert header_block(data) == block
+
     def test_fields_keep_their_folded_bytes(self) -> None:
-        head, _ = split_message(self.RAW)
+        head = header_block(self.RAW)
         found = list(fields(head))
         assert [f.name for f in found] == ["received", "received", "subject", "message-id", "x-gatewayd-ticket",
                                            "subject"]
@@ -212,7 +218,7 @@ def forward(raw: bytes, number: int = 1000, agent: str = "alice") -> tuple[bytes
 
 
 def header_names(data: bytes) -> list[str]:
-    head, _ = split_message(data)
+    head = header_block(data)
     return [f.name for f in fields(head)]
 
 
@@ -229,7 +235,7 @@ class TestForward:
     def test_the_body_is_byte_identical(self) -> None:
         raw = original()
         _, out, _ = forward(raw)
-        assert split_message(out)[1] == BODY
+        assert out[len(header_block(out)) + 2:] == BODY
         assert out.endswith(b"\r\n\r\n" + BODY)
 
     def test_replaced_fields_are_kept_renamed(self) -> None:
