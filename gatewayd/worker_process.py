@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gatewayd.worker")
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = 30.0  # well within systemd's TimeoutStartSec (60 s), so the daemon says why
 SAMPLES_TIMEOUT = 2.0
 # A stop waits this much longer than the grace for the worker to record its last results
 # (systemd's TimeoutStopSec must exceed shutdown_grace by more than this).
