@@ -249,17 +249,19 @@ class WorkerProcess:
             self._disconnect()
             self._retired, self._reported = _added(self._retired, self._reported), {}
             failures = 1 if time.monotonic() - started >= STABLE_AFTER else failures + 1
-            delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1]
-            log.error("the worker process exited with status %s; routing and delivery wait in the store until "
-                      "it is started again in %.1fs", status, delay)
             self._metrics.worker_restarted()
-            await asyncio.sleep(delay)
-            try:
-                await self._spawn()
-            except WorkerFailed as exc:
-                log.error("%s", exc)
-            except Exception:
-                log.exception("the worker process could not be started again; trying once more later")
+            log.error("the worker process exited with status %s; routing and delivery wait in the store until "
+                      "it is started again", status)
+            while True:
+                await asyncio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1])
+                try:
+                    await self._spawn()
+                    break
+                except WorkerFailed as exc:
+                    log.error("%s", exc)
+                except Exception:
+                    log.exception("the worker process could not be started again")
+                failures += 1
 
     async def _end_process(self) -> None:
         self._disconnect()

@@ -53,12 +53,14 @@ class StoreLocks:
         except OSError:
             os.close(self._fd)
             raise
-        # A wait for the turn runs in a thread of its own, so the writer can give
-        # up on it; at most one such wait exists, and a later writer adopts it.
+        # A blocking wait for the turn runs in a helper thread of this descriptor,
+        # so the writer can give up on it; a later writer adopts a wait in progress.
         self._waits = threading.Condition()
+        self._helper: threading.Thread | None = None
         self._waiting = False
         self._wanted = False
         self._granted = False
+        self._closing = False
 
     def take_turn(self, timeout: float) -> bool:
         """Waits until this writer may begin a write transaction, in arrival order.
@@ -68,10 +70,17 @@ class StoreLocks:
         with self._waits:
             if not self._waiting and self._try_turn():
                 return True
+            if self._helper is None:
+                helper = threading.Thread(target=self._help, name="store-turn", daemon=True)
+                try:
+                    helper.start()
+                except RuntimeError as exc:  # no thread to be had (TasksMax, RLIMIT_NPROC)
+                    raise OSError(errno.EAGAIN, f"cannot wait for the store's write turn: {exc}") from exc
+                self._helper = helper
             self._wanted = True
             if not self._waiting:
                 self._waiting = True
-                threading.Thread(target=self._wait_for_turn, name="store-turn", daemon=True).start()
+                self._waits.notify_all()
             granted = self._waits.wait_for(lambda: self._granted, timeout)
             self._wanted = False
             self._granted = False
@@ -93,7 +102,18 @@ class StoreLocks:
         return True
 
     def close(self) -> None:
-        """Releases every lock taken through this descriptor."""
+        """Releases every lock taken through this descriptor.
+
+        A wait for the turn still in progress keeps the descriptor until it ends,
+        so that it never acts on a number that was closed and reused meanwhile.
+        """
+        with self._waits:
+            self._closing = True
+            self._waits.notify_all()
+            if not self._waiting:
+                self._close_descriptor()
+
+    def _close_descriptor(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -112,28 +132,36 @@ class StoreLocks:
             self._set(_QUEUE, fcntl.F_UNLCK)
         return True
 
-    def _wait_for_turn(self) -> None:
-        """In the helper thread: queue, wait for the turn, then hand it to the writer that still wants it."""
-        got = False
+    def _help(self) -> None:
+        """The helper thread: for each wait asked for, queue, wait for the turn, and hand it to the
+        writer that still wants it (or give it back)."""
+        while True:
+            with self._waits:
+                self._waits.wait_for(lambda: self._waiting or self._closing)
+                if not self._waiting:
+                    return
+            got = self._wait_for_turn()
+            with self._waits:
+                self._waiting = False
+                if got and self._wanted and not self._closing:
+                    self._granted = True
+                    self._waits.notify_all()
+                elif got:
+                    self.end_turn()  # the writer gave up meanwhile
+                if self._closing:
+                    self._close_descriptor()
+                    return
+
+    def _wait_for_turn(self) -> bool:
         try:
             self._set(_QUEUE, fcntl.F_WRLCK, wait=True)
             try:
                 self._set(_TURN, fcntl.F_WRLCK, wait=True)
-                got = True
             finally:
                 self._set(_QUEUE, fcntl.F_UNLCK)
         except OSError:
-            pass  # the descriptor was closed: the store is gone
-        with self._waits:
-            self._waiting = False
-            if got and self._wanted:
-                self._granted = True
-                self._waits.notify_all()
-            elif got:
-                try:
-                    self.end_turn()  # the writer gave up meanwhile
-                except OSError:
-                    pass  # closed meanwhile, which released the turn
+            return False
+        return True
 
     def _set(self, byte: int, kind: int, *, wait: bool = False) -> None:
         if self._fd < 0:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gatewayd.listener import GatewayLMTP, GatewaySMTP, SessionHandler
@@ -34,14 +34,15 @@ _atext = st.text(st.sampled_from("abcXYZ019.!#$%&'*+/=?^_`{|}~-\"@<> ()[]:;,\\\u
 
 
 @given(local=_atext, domain=_atext, rest=st.sampled_from(["", " SIZE=10", "  BODY=8BITMIME x", ">", " (c) X=1"]))
+@example(local="", domain="0,(", rest="")  # email's tokenizer raises IndexError inside aiosmtpd
 @settings(max_examples=500, deadline=None)
 def test_fast_path_agrees_with_aiosmtpd_on_any_path(local, domain, rest):
     ours, theirs = parsers()
     path = f"<{local}@{domain}>{rest}"
     try:
         expected = theirs._getaddr(path)
-    except AttributeError:
-        expected = (None, None)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        expected = (None, None)  # where aiosmtpd's tokenizer trips, gatewayd answers a syntax error
     assert ours._getaddr(path) == expected
 
 

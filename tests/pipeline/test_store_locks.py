@@ -78,6 +78,34 @@ def test_a_writer_gives_up_on_a_turn_that_never_ends_and_the_late_turn_is_not_ke
     writer.end_turn()
 
 
+def test_no_thread_to_wait_in_fails_that_write_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    holder, writer = StoreLocks(tmp_path / "s"), StoreLocks(tmp_path / "s")
+    assert holder.take_turn(5)
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name == "store-turn":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(OSError, match="write turn"):
+        writer.take_turn(1)
+    holder.end_turn()
+    assert writer.take_turn(1), "the turn is free: taken at once, without a helper"
+    writer.end_turn()
+
+
+def test_closing_while_a_wait_is_in_progress_lets_the_turn_go_when_the_wait_ends(tmp_path: Path) -> None:
+    holder, leaving, third = (StoreLocks(tmp_path / "s") for _ in range(3))
+    assert holder.take_turn(5)
+    assert not leaving.take_turn(0.1), "its helper still waits"
+    leaving.close()
+    holder.end_turn()
+    assert third.take_turn(5), "the closed store's late turn was given back"
+    third.end_turn()
+
+
 def test_a_lock_file_made_by_root_belongs_to_the_stores_owner(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("only root can create a file for another owner")
