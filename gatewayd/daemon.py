@@ -137,7 +137,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
-        self.store = await Store.open(config.store.path, check=True)
+        self.store = await Store.open(config.store.path, check=True, checkpoints="background")
         store = self.store
         self.metrics.watch_store(lambda: store.stats)
         ids = TicketIds(config.tickets.prefix, config.hostname, config.support.reply_secret.encode())

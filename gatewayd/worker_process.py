@@ -319,7 +319,7 @@ async def _serve(fd: int) -> int:
     locks = StoreLocks(config.store.path)
     try:
         await _hold_worker(locks)
-        store = await Store.open(config.store.path, inline_reads=True)
+        store = await Store.open(config.store.path, inline_reads=True, checkpoints="elsewhere")
         try:
             metrics = Metrics()
             metrics.watch_store(lambda: store.stats)

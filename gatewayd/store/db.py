@@ -33,7 +33,9 @@ of SMTP transactions the background still gets its share of every commit.
 Other processes write the same file: the daemon's worker (routing and
 delivery) and CLI commands. Writers take turns through :class:`StoreLocks`,
 which hands the turn over without SQLite's polling; a batch of background
-parts ends after its share when a writer of another process waits.
+parts ends after its share when a writer of another process waits. The
+daemon's commits never checkpoint the WAL: a thread of its own does
+(:mod:`.checkpoints`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from typing import Any, Protocol, Self, TypeVar
 import aiosqlite
 
 from ..errors import StoreCorrupt, StoreError, StoreFull, StoreUnavailable
+from .checkpoints import Checkpointer, Checkpoints
 from .locks import StoreLocks
 from .schema import LATEST, MIGRATIONS
 
@@ -147,10 +150,12 @@ class CommitStats:
 class Database:
     """The writer thread and the reader connection; create with :meth:`open` of a subclass."""
 
-    def __init__(self, path: Path, writer: "_Writer", reader: "_Reader") -> None:
+    def __init__(self, path: Path, writer: "_Writer", reader: "_Reader",
+                 checkpointer: Checkpointer | None = None) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
+        self._checkpointer = checkpointer
         self._closing = False
 
     @property
@@ -161,7 +166,7 @@ class Database:
 
     @classmethod
     async def open(cls, path: str | Path, *, group_limit: int = 128, check: bool = False,
-                   inline_reads: bool = False) -> "Self":
+                   inline_reads: bool = False, checkpoints: Checkpoints = "on_commit") -> "Self":
         """Opens (creating if absent) and migrates the store.
 
         An existing file that is not a healthy gatewayd store raises
@@ -170,9 +175,12 @@ class Database:
         ``inline_reads`` reads on the event loop's thread instead of a reader
         thread: for the worker process, whose loop serves no SMTP client, the
         hand-over to a thread and back costs more than an indexed read.
+        ``checkpoints`` says who copies the WAL into the store file
+        (:data:`~gatewayd.store.checkpoints.Checkpoints`).
         """
         path = Path(path)
-        writer = _Writer(path, group_limit, check, asyncio.get_running_loop())
+        writer = _Writer(path, group_limit, check, asyncio.get_running_loop(),
+                         autocheckpoint=checkpoints == "on_commit")
         await writer.opened()
         try:
             reader = _InlineReader.open(path) if inline_reads else await _ThreadReader.open(path)
@@ -182,13 +190,18 @@ class Database:
         except BaseException:
             await writer.stop()
             raise
-        return cls(path, writer, reader)
+        checkpointer = None
+        if checkpoints == "background":
+            checkpointer = writer.checkpointer = Checkpointer(path)
+        return cls(path, writer, reader, checkpointer)
 
     async def close(self) -> None:
-        """Finishes every queued job, then closes both connections."""
+        """Finishes every queued job, then closes the connections."""
         self._closing = True
         await self._writer.stop()
         await self._reader.close()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
 
     async def __aenter__(self) -> "Self":
         return self
@@ -319,9 +332,12 @@ class _Writer:
     with one ``call_soon_threadsafe`` per batch.
     """
 
-    def __init__(self, path: Path, group_limit: int, check: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: Path, group_limit: int, check: bool, loop: asyncio.AbstractEventLoop, *,
+                 autocheckpoint: bool) -> None:
         self.path = path
         self.stats = CommitStats()
+        self.checkpointer: Checkpointer | None = None
+        self._autocheckpoint = autocheckpoint
         self._group_limit = group_limit
         self._check = check
         self._loop = loop
@@ -370,7 +386,7 @@ class _Writer:
 
     def _run(self) -> None:
         try:
-            conn = _connect(self.path, self._check)
+            conn = _connect(self.path, self._check, self._autocheckpoint)
             try:
                 self._locks = StoreLocks(self.path)
             except OSError as exc:
@@ -462,6 +478,8 @@ class _Writer:
                 if job.background:
                     background_spent += time.monotonic() - started
             self.control(conn, "COMMIT")
+            if self.checkpointer is not None:
+                self.checkpointer.committed()
         except BaseException as exc:
             # SQLite aborted the whole transaction (SQLITE_FULL, an I/O error, a
             # failed COMMIT): the batch's jobs were undone with it and fail with
@@ -567,8 +585,12 @@ def _roll_back(conn: sqlite3.Connection) -> None:
         log.debug("rollback failed", exc_info=True)
 
 
-def _connect(path: Path, check: bool) -> sqlite3.Connection:
-    """The writer connection, after refusing files that are not a healthy gatewayd store and migrating."""
+def _connect(path: Path, check: bool, autocheckpoint: bool) -> sqlite3.Connection:
+    """The writer connection, after refusing files that are not a healthy gatewayd store and migrating.
+
+    Without ``autocheckpoint`` its commits never checkpoint the WAL (SQLite's
+    ``wal_autocheckpoint`` is 1,000 pages otherwise).
+    """
     existed = path.exists() and path.stat().st_size > 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -580,6 +602,8 @@ def _connect(path: Path, check: bool) -> sqlite3.Connection:
         _inspect(conn, path, existed, check)
         for pragma in _PRAGMAS:
             conn.execute(f"PRAGMA {pragma}")
+        if not autocheckpoint:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
         _migrate(conn, path)
     except BaseException as exc:
         conn.close()

@@ -565,3 +565,63 @@ class TestInlineReads:
             assert await store.fetchone("SELECT 1") is not None
             threaded = threading.active_count() - before
         assert (inline, threaded) == (1, 2), "the writer alone; the writer and aiosqlite's reader"
+
+
+class TestCheckpoints:
+    """The WAL is copied into the store file by a thread of the daemon, never inside the commits that answer clients.
+
+    Committed pages live in the ``-wal`` file until a checkpoint copies them,
+    so the store file's size shows whether one has run.
+    """
+
+    MEGABYTE = "x" * (1 << 20)
+
+    async def write_megabytes(self, store: Store, count: int) -> None:
+        for _ in range(count):
+            await store.transact(lambda tx: tx.execute(
+                "INSERT INTO events (ticket, at, kind, detail) VALUES (NULL, 0, 'bulk', ?)", (self.MEGABYTE,)))
+
+    async def grown_to(self, path: Path, size: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if path.stat().st_size >= size:
+                return True
+            await asyncio.sleep(0.02)
+        return path.stat().st_size >= size
+
+    async def test_a_command_line_store_checkpoints_in_its_commits_as_sqlite_does(self, tmp_path: Path) -> None:
+        path = tmp_path / "cli.sqlite3"
+        async with await Store.open(path) as store:
+            await self.write_megabytes(store, 8)
+            assert path.stat().st_size >= 8 << 20
+
+    async def test_commits_of_a_worker_process_never_checkpoint(self, tmp_path: Path) -> None:
+        path = tmp_path / "worker.sqlite3"
+        async with await Store.open(path, checkpoints="elsewhere") as store:
+            before = path.stat().st_size
+            await self.write_megabytes(store, 8)
+            await asyncio.sleep(0.3)
+            assert path.stat().st_size == before
+            assert Path(f"{path}-wal").stat().st_size >= 8 << 20
+
+    async def test_the_daemons_checkpointer_copies_its_commits_soon_after(self, tmp_path: Path) -> None:
+        path = tmp_path / "daemon.sqlite3"
+        async with await Store.open(path, checkpoints="background") as store:
+            await self.write_megabytes(store, 8)
+            assert await self.grown_to(path, 8 << 20, within=5.0)
+
+    async def test_commits_of_the_worker_are_checkpointed_by_the_daemon(self, tmp_path: Path) -> None:
+        path = tmp_path / "shared.sqlite3"
+        async with await Store.open(path, checkpoints="background"):
+            async with await Store.open(path, checkpoints="elsewhere") as worker:
+                await self.write_megabytes(worker, 8)
+                assert await self.grown_to(path, 8 << 20, within=5.0)
+
+    async def test_close_stops_the_checkpointer_thread(self, tmp_path: Path) -> None:
+        before = {t.name for t in threading.enumerate()}
+        store = await Store.open(tmp_path / "s.sqlite3", checkpoints="background")
+        try:
+            assert "store-checkpoints" in {t.name for t in threading.enumerate()} - before
+        finally:
+            await store.close()
+        assert "store-checkpoints" not in {t.name for t in threading.enumerate()} - before
