@@ -27,51 +27,71 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str], *,
-                            max_depth: int = 100, max_body: int = 65536) -> MessageView:
+                            max_depth: int = 100, max_body: int = 65536, defer_body: bool = False) -> MessageView:
     """Parses ``raw`` with ``email.policy.default``; the body is the first text/plain part.
 
     Falls back to the first text/html part stripped of tags; walks MIME no deeper
     than ``max_depth`` and keeps at most ``max_body`` characters of body.
+    With ``defer_body`` only the header block is parsed now, and the body
+    when ``view.body`` is first read.
     """
     try:
-        message = parse(raw)
-        headers = _headers(message)
-        body = _body(message, max_depth, max_body)
+        head: Message | None = parse_head(raw)
+        headers = _headers(head)
     except Exception:
-        headers, body = _fallback(raw)
+        head, headers = None, _fallback_headers(raw)
     subject = " ".join(headers.get("subject", ("",))[0].split())
     from_values = headers.get("from", ())
     sender = (extract_address(from_values[0]) if len(from_values) == 1 else None) or mail_from
     message_ids = headers.get("message-id", ())
-    return MessageView(
+    fields = dict(
         mail_from=mail_from,
         rcpt_tos=tuple(rcpt_tos),
         subject=subject,
         sender=sender.lower() if sender.isascii() else sender,
-        body=body[:max_body],
         headers=MappingProxyType(headers),
         authentication_results=headers.get("authentication-results", ()),
         message_id=message_ids[0].strip() if message_ids else None,
     )
 
+    def extract() -> str:
+        return _extract_body(raw, head, max_depth, max_body)
+    if defer_body:
+        return MessageView._body_on_first_read(extract, **fields)
+    return MessageView(body=extract(), **fields)
 
-def parse(raw: bytes, *, whole: bool = False) -> Message:
+
+def parse_head(raw: bytes) -> Message:
+    """The header block of ``raw`` (all of it when it has no empty line), parsed without the body."""
+    end = raw.find(b"\r\n\r\n")
+    return BytesParser(policy=policy.default).parsebytes(raw if end < 0 else raw[:end + 4], headersonly=True)
+
+
+def parse(raw: bytes, *, whole: bool = False, head: Message | None = None) -> Message:
     """``raw`` parsed with ``email.policy.default``.
 
     email's parser reads every body line in Python (about 3 ms for 100 KB);
     a body that is one part (not ``multipart/*`` or ``message/*``) is handed
-    over whole instead, giving the same message. ``whole`` forces the full
+    over whole to ``head`` (:func:`parse_head` of ``raw``, parsed again when
+    not given) instead, giving the same message. ``whole`` forces the full
     parse.
     """
-    parser = BytesParser(policy=policy.default)
     end = raw.find(b"\r\n\r\n")
     if whole or end < 0:
-        return parser.parsebytes(raw)
-    head = parser.parsebytes(raw[:end + 4], headersonly=True)
+        return BytesParser(policy=policy.default).parsebytes(raw)
+    if head is None:
+        head = parse_head(raw)
     if head.get_payload() or head.get_content_maintype() in ("multipart", "message"):
-        return parser.parsebytes(raw)
+        return BytesParser(policy=policy.default).parsebytes(raw)
     head.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
     return head
+
+
+def _extract_body(raw: bytes, head: Message | None, max_depth: int, limit: int) -> str:
+    try:
+        return _body(parse(raw, head=head), max_depth, limit)[:limit]
+    except Exception:
+        return _fallback_body(raw)[:limit]
 
 
 def _headers(message: Message) -> dict[str, tuple[str, ...]]:
@@ -211,10 +231,9 @@ def _strip_html(html: str) -> str:
     return "\n".join(lines)
 
 
-def _fallback(raw: bytes) -> tuple[dict[str, tuple[str, ...]], str]:
-    """Headers split by hand when the parser itself gave up (e.g. recursion on hostile MIME)."""
-    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
-    head, _, body = text.partition("\n\n")
+def _fallback_headers(raw: bytes) -> dict[str, tuple[str, ...]]:
+    """Headers split by hand when the parser itself gave up."""
+    head = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").partition("\n\n")[0]
     collected: dict[str, list[str]] = {}
     last: str | None = None
     for line in head.split("\n"):
@@ -225,5 +244,9 @@ def _fallback(raw: bytes) -> tuple[dict[str, tuple[str, ...]], str]:
         if sep and name.strip() and " " not in name.strip():
             last = name.strip().lower()
             collected.setdefault(last, []).append(value.strip())
-    headers = {name: tuple(_decode_header(v) for v in values) for name, values in collected.items()}
-    return headers, _clean(body)
+    return {name: tuple(_decode_header(v) for v in values) for name, values in collected.items()}
+
+
+def _fallback_body(raw: bytes) -> str:
+    """Everything after the header block, when the parser gave up on it (e.g. recursion on hostile MIME)."""
+    return _clean(raw.decode("utf-8", errors="replace").replace("\r\n", "\n").partition("\n\n")[2])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -78,6 +78,27 @@ class MessageView:
         """The first value of header ``name`` (case-insensitive), or ``default``."""
         values = self.headers.get(name.lower())
         return values[0] if values else default
+
+    @classmethod
+    def _body_on_first_read(cls, extract: Callable[[], str], **fields: Any) -> MessageView:
+        """A view whose ``body`` is ``extract()``, called when first read.
+
+        Most routing chains never read the body, and for a long message
+        extracting it costs more than the rest of routing.
+        """
+        view = cls(body="", **fields)
+        del view.__dict__["body"]
+        view.__dict__["_extract_body"] = extract
+        return view
+
+    def __getattr__(self, name: str) -> Any:
+        """Only the first read of a deferred ``body`` gets here (the value is then an attribute)."""
+        extract = self.__dict__.get("_extract_body") if name == "body" else None
+        if extract is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        body: str = extract()
+        self.__dict__["body"] = body
+        return body
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 
+from gatewayd import config as config_module
+from gatewayd import message_view
 from gatewayd import router as router_module
+from gatewayd.discovery import load_chain
 from gatewayd.errors import StoreUnavailable
 from gatewayd.router import Router
 from tests.autoreply.conftest import autoreply_yaml
+from tests.support.gateway import config_text
 from tests.support.smtp import message, send_message
 
 
@@ -176,3 +181,69 @@ async def test_time_spent_reading_the_batch_does_not_cut_it_short(gateway, monke
     monkeypatch.setattr(gateway.store, "first_messages", slow)
     await router.work_through()
     assert len(await forwards(gateway)) == 5
+
+
+class TestMessageBodies:
+    """The router extracts a message's body only for a chain that reads it, and then off the loop."""
+
+    BODY_RULES = ("  - plugin: rules\n    rules:\n"
+                  "      - {match: {body: 'card (was )?stolen'}, team: security}\n"
+                  "  - plugin: round_robin\n")
+
+    @staticmethod
+    def spy_on_extraction(monkeypatch) -> list[str]:
+        """The name of the thread each body extraction ran on."""
+        threads: list[str] = []
+        original = message_view._extract_body
+
+        def extract(*args):
+            threads.append(threading.current_thread().name)
+            return original(*args)
+        monkeypatch.setattr(message_view, "_extract_body", extract)
+        return threads
+
+    @staticmethod
+    async def send_stolen_cards(gw, count: int, first: int = 0) -> None:
+        for n in range(first, first + count):
+            [reply] = await send_message(gw.smtp_port, message(f"Help {n}", message_id=f"<c{n}@customer.test>",
+                                                               body="My card was stolen yesterday.\r\n"))
+            assert reply.code == 250, reply
+
+    async def test_a_chain_that_never_reads_bodies_never_extracts_one(self, gateway, monkeypatch):
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gateway)
+        await send(gateway, 5)
+        await router.work_through()
+        assert len(await forwards(gateway)) == 5
+        assert threads == []
+
+    async def test_a_chain_that_reads_bodies_gets_them_extracted_off_the_loop_after_the_first(
+            self, gateway_factory, monkeypatch):
+        gw = await gateway_factory(routing=self.BODY_RULES)
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gw)
+        await self.send_stolen_cards(gw, 3)
+        await router.work_through()
+        await self.send_stolen_cards(gw, 2, first=3)
+        await router.work_through()
+
+        assert Counter(agent for _, agent in await forwards(gw)) == {"sam": 5}, "every body was read by the rule"
+        assert len(threads) == 5
+        assert threads[0] == "gatewayd-plugin-hook", "the first where the rule read it"
+        assert "gatewayd-plugin-hook" not in threads[1:], "the others before the chain ran"
+        assert threading.current_thread().name not in threads, "never on the loop"
+
+    async def test_a_reload_forgets_that_the_old_chain_read_bodies(self, gateway_factory, monkeypatch, tmp_path):
+        gw = await gateway_factory(routing=self.BODY_RULES)
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gw)
+        await self.send_stolen_cards(gw, 1)
+        await router.work_through()
+        assert len(threads) == 1
+
+        plain = config_module.loads(config_text(tmp_path, smtp_port=1, lmtp_port=2, relay_port=3), "reloaded.yaml")
+        router.reconfigure(router.config, load_chain(plain, gw.daemon.metrics))
+        await self.send_stolen_cards(gw, 2, first=1)
+        await router.work_through()
+        assert len(await forwards(gw)) == 3
+        assert len(threads) == 1, "round_robin never reads a body"

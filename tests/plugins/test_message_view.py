@@ -143,6 +143,38 @@ def test_a_single_part_body_handed_over_whole_gives_the_same_view(fields, body, 
         (whole.subject, whole.sender, whole.body, dict(whole.headers), whole.message_id)
 
 
+@given(fields=st.lists(_field, max_size=6), body=st.lists(_line, max_size=12), blank=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_deferred_body_gives_the_same_view(fields, body, blank):
+    raw = b"\r\n".join(fields) + (b"\r\n\r\n" if blank else b"\r\n") + b"\r\n".join(body)
+    deferred = view(raw, defer_body=True)
+    assert "body" not in vars(deferred)
+    assert deferred == view(raw)
+    assert "body" in vars(deferred)
+
+
+def test_a_deferred_body_is_extracted_once_on_first_read(monkeypatch):
+    calls = []
+    original = message_view._extract_body
+    monkeypatch.setattr(message_view, "_extract_body", lambda *args: calls.append(args) or original(*args))
+    deferred = view(b"Subject: s\r\n\r\nHello\r\n", defer_body=True)
+    assert calls == []
+    assert deferred.subject == "s" and deferred.headers["subject"] == ("s",)
+    assert calls == []
+    assert deferred.body == deferred.body == "Hello"
+    assert len(calls) == 1
+
+
+def test_hostile_mime_keeps_its_parsed_headers_when_the_body_falls_back(monkeypatch):
+    def gives_up(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(message_view, "parse", gives_up)
+    raw = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nhi\r\n"
+    message = view(raw)
+    assert message.subject == "café"
+    assert message.body == "--b\nhi"
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
