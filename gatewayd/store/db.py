@@ -34,7 +34,7 @@ Other processes write the same file: the daemon's worker (routing and
 delivery) and CLI commands. Writers take turns through :class:`StoreLocks`,
 which hands the turn over without SQLite's polling; a batch of background
 parts ends after its share when a writer of another process waits. The
-daemon's commits never checkpoint the WAL: a thread of its own does
+daemon's commits leave checkpointing the WAL to a thread of its own
 (:mod:`.checkpoints`).
 """
 
@@ -55,7 +55,7 @@ from typing import Any, Protocol, Self, TypeVar
 import aiosqlite
 
 from ..errors import StoreCorrupt, StoreError, StoreFull, StoreUnavailable
-from .checkpoints import Checkpointer, Checkpoints
+from .checkpoints import BACKSTOP_PAGES, Checkpointer, Checkpoints
 from .locks import StoreLocks
 from .schema import LATEST, MIGRATIONS
 
@@ -588,7 +588,8 @@ def _roll_back(conn: sqlite3.Connection) -> None:
 def _connect(path: Path, check: bool, autocheckpoint: bool) -> sqlite3.Connection:
     """The writer connection, after refusing files that are not a healthy gatewayd store and migrating.
 
-    Without ``autocheckpoint`` its commits never checkpoint the WAL (SQLite's
+    Without ``autocheckpoint`` its commits leave the WAL to a
+    :class:`Checkpointer` until it passes :data:`BACKSTOP_PAGES` (SQLite's
     ``wal_autocheckpoint`` is 1,000 pages otherwise).
     """
     existed = path.exists() and path.stat().st_size > 0
@@ -603,7 +604,7 @@ def _connect(path: Path, check: bool, autocheckpoint: bool) -> sqlite3.Connectio
         for pragma in _PRAGMAS:
             conn.execute(f"PRAGMA {pragma}")
         if not autocheckpoint:
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         _migrate(conn, path)
     except BaseException as exc:
         conn.close()

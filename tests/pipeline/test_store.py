@@ -595,7 +595,7 @@ class TestCheckpoints:
             await self.write_megabytes(store, 8)
             assert path.stat().st_size >= 8 << 20
 
-    async def test_commits_of_a_worker_process_never_checkpoint(self, tmp_path: Path) -> None:
+    async def test_commits_of_a_worker_process_leave_checkpoints_to_the_daemon(self, tmp_path: Path) -> None:
         path = tmp_path / "worker.sqlite3"
         async with await Store.open(path, checkpoints="elsewhere") as store:
             before = path.stat().st_size
@@ -603,6 +603,14 @@ class TestCheckpoints:
             await asyncio.sleep(0.3)
             assert path.stat().st_size == before
             assert Path(f"{path}-wal").stat().st_size >= 8 << 20
+
+    async def test_a_wal_past_the_backstop_is_checkpointed_by_the_commit_and_starts_over(self, tmp_path: Path) -> None:
+        """Without a checkpointer keeping up (or with one that never sees the whole WAL copied) it stays bounded."""
+        path = tmp_path / "worker.sqlite3"
+        async with await Store.open(path, checkpoints="elsewhere") as store:
+            await self.write_megabytes(store, 48)
+            assert path.stat().st_size >= 40 << 20
+            assert Path(f"{path}-wal").stat().st_size < 24 << 20
 
     async def test_the_daemons_checkpointer_copies_its_commits_soon_after(self, tmp_path: Path) -> None:
         path = tmp_path / "daemon.sqlite3"
