@@ -1,6 +1,6 @@
 """gatewayd against smtp-sink and a throwaway Postfix relay, on this machine, in one run.
 
-    .venv/bin/python bench/run.py            # about 5 minutes; prints a Markdown table
+    .venv/bin/python bench/run.py            # about 9 minutes; prints a Markdown table
 
 All load is loopback and bounded: a fixed message count per cell and a timeout
 per step. Needs Postfix (smtp-source, smtp-sink, postfix) installed; run as root
