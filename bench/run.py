@@ -71,9 +71,10 @@ class Gatewayd:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gatewayd", "run", "-c", str(self.root / "gatewayd.yaml")],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=(self.root / "gatewayd.log").open("wb"))
+        with (self.root / "gatewayd.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gatewayd", "run", "-c", str(self.root / "gatewayd.yaml")],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
         wait_for_port(self.port)
 
     def pids(self) -> list[int]:
@@ -93,12 +94,14 @@ class Gatewayd:
         return int(float(re.search(r"^gatewayd_store_commits_total (\S+)$", text, re.M).group(1)))
 
     def stop(self) -> None:
-        """Stops gatewayd and removes its directory: a 100 KB cell leaves a store of over 600 MB."""
-        assert self.process is not None
+        """Stops gatewayd and removes its store (over 600 MB after a 100 KB cell); its log stays."""
+        if self.process is None:
+            return
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
         self.process = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        for path in self.root.glob("gatewayd.sqlite3*"):
+            path.unlink()
 
     def drain(self, timeout: float) -> None:
         """Waits until every forward is sent (or the timeout passes)."""
@@ -228,12 +231,14 @@ def main() -> int:
                 if "gatewayd" not in targets:
                     continue
                 gateway = Gatewayd(relay_sink.port, dns_port)
-                gateway.start()
-                rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
-                gateway.drain(STEP_TIMEOUT)
-                delays, accepted, drained = gateway.end_to_end()
-                commits = gateway.commits()
-                gateway.stop()
+                try:
+                    gateway.start()
+                    rate, samples, rss = run_cell("gatewayd", gateway.port, gateway.pids, size, sessions)
+                    gateway.drain(STEP_TIMEOUT)
+                    delays, accepted, drained = gateway.end_to_end()
+                    commits = gateway.commits()
+                finally:
+                    gateway.stop()
                 cells.append(Cell("gatewayd", label, sessions, rate, percentile(samples, .5), percentile(samples, .99),
                                   rss, percentile(delays, .5), percentile(delays, .99),
                                   {"commits_per_message": commits / max(1, accepted), "drained": drained,
@@ -243,21 +248,25 @@ def main() -> int:
             print(render(cells, disk, 0, 0, []))
             return 0
         gateway = Gatewayd(relay_sink.port, dns_port)
-        gateway.start()
-        paced(gateway.port, 4096, LIGHT_LOAD_COUNT, LIGHT_LOAD_RATE, STEP_TIMEOUT)
-        gateway.drain(STEP_TIMEOUT)
-        light, _, _ = gateway.end_to_end()
-        gateway.stop()
+        try:
+            gateway.start()
+            paced(gateway.port, 4096, LIGHT_LOAD_COUNT, LIGHT_LOAD_RATE, STEP_TIMEOUT)
+            gateway.drain(STEP_TIMEOUT)
+            light, _, _ = gateway.end_to_end()
+        finally:
+            gateway.stop()
 
         gateway = Gatewayd(relay_sink.port, dns_port)
-        gateway.start()
-        baseline = rss_bytes(gateway.pids())
-        held = idle_connections(gateway.port, 1000, 60)
-        time.sleep(1.0)
-        idle_rss = rss_bytes(gateway.pids())
-        for sock in held:
-            sock.close()
-        gateway.stop()
+        try:
+            gateway.start()
+            baseline = rss_bytes(gateway.pids())
+            held = idle_connections(gateway.port, 1000, 60)
+            time.sleep(1.0)
+            idle_rss = rss_bytes(gateway.pids())
+            for sock in held:
+                sock.close()
+        finally:
+            gateway.stop()
     finally:
         resolver.terminate()
         resolver.wait(10)

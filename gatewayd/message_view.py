@@ -61,6 +61,11 @@ def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str],
     return MessageView(body=extract(), **fields)
 
 
+def body_requested(view: MessageView) -> bool:
+    """True once a view built with ``defer_body`` has been asked for its body."""
+    return "_body_requested" in vars(view)
+
+
 def parse_head(raw: bytes) -> Message:
     """The header block of ``raw`` (all of it when it has no empty line), parsed without the body."""
     end = raw.find(b"\r\n\r\n")

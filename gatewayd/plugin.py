@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, ClassVar, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol
 
 from .business_hours import HoursError, Week, is_open, parse_hours
 from .units import parse_duration
@@ -83,22 +83,27 @@ class MessageView:
     def _body_on_first_read(cls, extract: Callable[[], str], **fields: Any) -> MessageView:
         """A view whose ``body`` is ``extract()``, called when first read.
 
-        Most routing chains never read the body, and for a long message
-        extracting it costs more than the rest of routing.
+        For chains whose plugins all say they never read it (``reads_body``):
+        for a long message extracting it costs more than the rest of routing.
         """
         view = cls(body="", **fields)
         del view.__dict__["body"]
         view.__dict__["_extract_body"] = extract
         return view
 
-    def __getattr__(self, name: str) -> Any:
-        """Only the first read of a deferred ``body`` gets here (the value is then an attribute)."""
-        extract = self.__dict__.get("_extract_body") if name == "body" else None
-        if extract is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        body: str = extract()
-        self.__dict__["body"] = body
-        return body
+    if not TYPE_CHECKING:  # to type checkers, ``body`` is the str field it always reads as
+        def __getattr__(self, name: str) -> Any:
+            """Only the first read of a deferred ``body`` gets here (the value is then an attribute)."""
+            extract = self.__dict__.get("_extract_body") if name == "body" else None
+            if extract is None:
+                if name == "body" and "body" in self.__dict__:
+                    return self.__dict__["body"]  # another thread's extraction finished meanwhile
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            self.__dict__["_body_requested"] = True
+            body = extract()
+            self.__dict__["body"] = body
+            self.__dict__.pop("_extract_body", None)  # and with it the message it held
+            return body
 
 
 @dataclass(frozen=True)
@@ -422,6 +427,14 @@ class Plugin:
     """
 
     api_version: ClassVar[int] = API_VERSION
+    reads_body: bool = True
+    """False when ``route`` never reads ``message.body`` (a class or an instance attribute).
+
+    When every plugin of the chain says so, gatewayd does not extract bodies
+    (for a 100 KB message, most of the cost of routing it). A plugin without
+    the attribute counts as reading them. One that reads the body anyway still
+    gets it, only later and at its own hook's expense.
+    """
 
     def __init__(self, options: Options) -> None:
         """Reads and validates ``options``; the base class accepts none."""

@@ -35,7 +35,7 @@ from .config import Config
 from .dispatch import RoutingChain, RoutingResult, TraceStep
 from .errors import StoreError
 from .ids import TicketIds
-from .message_view import message_view_from_bytes
+from .message_view import body_requested, message_view_from_bytes
 from .metrics import Metrics
 from .plugin import AgentView, MessageView, TicketView
 from .reply_address import reply_addresses
@@ -91,6 +91,11 @@ class Routed:
     trace: tuple[TraceStep, ...]
 
 
+def reads_bodies(chain: RoutingChain) -> bool:
+    """Whether a plugin of ``chain`` reads ``message.body`` (one that does not say counts as reading it)."""
+    return any(getattr(link.plugin, "reads_body", True) for link in chain.links)
+
+
 class Router:
     def __init__(self, config: Config, store: Store, ids: TicketIds, chain: RoutingChain, metrics: Metrics,
                  on_enqueued: Callable[[], None] = lambda: None) -> None:
@@ -110,7 +115,7 @@ class Router:
         # and everything else ('route', 'reoffer') are decided in batches.
         self.handlers: dict[str, Callable[[WorkItem], Awaitable[None]]] = {}
         self.responder = Responder(config, store, ids, metrics)
-        self._chain_reads_bodies = False
+        self._extract_bodies = reads_bodies(chain)
 
     def wake(self) -> None:
         self._wake.set()
@@ -120,7 +125,7 @@ class Router:
         self.config = config
         self.chain = chain
         self.responder = Responder(config, self.store, self.ids, self.metrics)
-        self._chain_reads_bodies = False
+        self._extract_bodies = reads_bodies(chain)
 
     async def plan_receipt(self, item: WorkItem, view: BatchView) -> Planned:
         return await self.responder.plan(item, view)
@@ -190,14 +195,13 @@ class Router:
     def _parse(self, inbound: Inbound) -> MessageView:
         """The message as plugins see it, with the ``Authentication-Results`` intake recorded; blocking.
 
-        Its body is extracted here, off the loop, once a plugin of this chain
-        has read one; until then only where a plugin reads it. Most chains
-        never do, and for a 100 KB message it was a third of the worker's CPU.
+        Its body is extracted here, off the loop, unless no plugin of the
+        chain reads it: for a 100 KB message that was a third of the worker's CPU.
         """
         record, results = inbound.record, inbound.authentication_results
         seen = assemble(header("Authentication-Results", results), inbound.raw) if results else inbound.raw
         return message_view_from_bytes(seen, record.mail_from, record.rcpt_to, max_depth=self.config.limits.mime_depth,
-                                       defer_body=not self._chain_reads_bodies)
+                                       defer_body=not self._extract_bodies)
 
     async def _plan(self, item: WorkItem, view: BatchView) -> Planned | None:
         """Decides one item; None when it is held back (its failure counted) instead."""
@@ -319,13 +323,16 @@ class Router:
             raise message
         if message is None:
             message = await asyncio.to_thread(self._parse, inbound)
-        if self._chain_reads_bodies and "body" not in vars(message):
-            await asyncio.to_thread(getattr, message, "body")  # parsed before the chain was found to read it
+        deferred, chain = "body" not in vars(message), self.chain
+        if deferred and self._extract_bodies:
+            await asyncio.to_thread(getattr, message, "body")  # parsed before a reload or a plugin's surprise
+            deferred = False
         followup = await view.first_message(ticket.number) != record.id
         routed = await self.decide(ticket, message, followup, view)
-        if not self._chain_reads_bodies and "body" in vars(message):
-            log.debug("the routing chain reads message bodies: extracting them before it runs from now on")
-            self._chain_reads_bodies = True
+        if deferred and body_requested(message) and self.chain is chain and not self._extract_bodies:
+            log.warning("a routing plugin read message.body though every plugin of the chain has "
+                        "reads_body = False; extracting bodies before the chain runs until the next reload")
+            self._extract_bodies = True
         message_id = self.ids.message_id(ticket.number)
         head = forward_head(self.ids, ticket.number, raw, agent=routed.agent or "(supervisor)",
                             message_id=message_id, route_summary=routed.summary,

@@ -18,6 +18,7 @@ class Capacity(Plugin):
     """Narrows the candidates to agents below their limit; a full team is left to the fallback rules."""
 
     api_version = API_VERSION
+    reads_body = False
 
     def __init__(self, options: Options) -> None:
         self.max_open: int = options.get_int("max_open", 20, minimum=1)

@@ -9,6 +9,7 @@ class LeastLoaded(Plugin):
     """Deterministic by design: equal load is broken by agent name, never by chance."""
 
     api_version = API_VERSION
+    reads_body = False
 
     def route(self, context: PluginContext, ticket: TicketView, message: MessageView,
               candidates: tuple[AgentView, ...]) -> Decision:

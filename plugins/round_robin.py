@@ -14,6 +14,7 @@ class RoundRobin(Plugin):
     """Picks the candidate whose name follows the previously picked one (wrapping around)."""
 
     api_version = API_VERSION
+    reads_body = False
 
     async def route(self, context: PluginContext, ticket: TicketView, message: MessageView,
                     candidates: tuple[AgentView, ...]) -> Decision:

@@ -78,6 +78,7 @@ class Rules(Plugin):
             if (rule := _rule(options, f"rules[{i}]", i, raw)) is not None)
         if raw_rules is not None and not raw_rules:
             options.error("rules", "needs at least one rule")
+        self.reads_body = any(key in ("body", "keywords") for rule in self.rules for key, _ in rule.tests)
 
     def route(self, context: PluginContext, ticket: TicketView, message: MessageView,
               candidates: tuple[AgentView, ...]) -> Decision:

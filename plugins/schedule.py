@@ -56,6 +56,7 @@ class Schedule(Plugin):
     """Narrows to agents on duty; falls back to the team's on-call roster; never empties the pool itself."""
 
     api_version = API_VERSION
+    reads_body = False
 
     def __init__(self, options: Options) -> None:
         self.default = _calendar(options, "", {

@@ -19,6 +19,7 @@ class Sticky(Plugin):
     """Continuity beats balance: the customer keeps talking to someone who knows the case."""
 
     api_version = API_VERSION
+    reads_body = False
 
     def __init__(self, options: Options) -> None:
         self.followups: bool = options.get_bool("followups", True)

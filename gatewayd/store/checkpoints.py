@@ -53,13 +53,13 @@ BACKSTOP_PAGES = 4000
 class Checkpointer:
     """A thread with its own connection that runs ``PRAGMA wal_checkpoint(PASSIVE)``."""
 
-    def __init__(self, path: Path, *, interval: float = INTERVAL, idle_interval: float = IDLE_INTERVAL) -> None:
+    def __init__(self, path: Path, *, interval: float | None = None, idle_interval: float | None = None) -> None:
         self.path = path
         self.checkpoints = 0
-        self._interval = interval
-        self._idle_interval = idle_interval
+        self._interval = INTERVAL if interval is None else interval
+        self._idle_interval = IDLE_INTERVAL if idle_interval is None else idle_interval
         self._committed = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._last_error = ""
         self._thread = threading.Thread(target=self._run, name="store-checkpoints", daemon=True)
         self._thread.start()
@@ -68,22 +68,28 @@ class Checkpointer:
         """Called by the writer after each commit; cheap enough for every one."""
         self._committed.set()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
-        """Ends the thread after the checkpoint in progress, if any (the connection's close does a last one)."""
-        self._stopping = True
+        """Ends the thread after the checkpoint in progress, if any.
+
+        Closing its connection copies what is left, when it is the store's last
+        connection in any process (SQLite then removes the ``-wal`` file).
+        """
+        self._stopping.set()
         self._committed.set()
         self._thread.join()
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
-        last = 0.0
+        last = time.monotonic()
         try:
-            while not self._stopping:
+            while not self._stopping.is_set():
                 self._committed.wait(self._idle_interval)
                 pause = last + self._interval - time.monotonic()
-                if pause > 0 and not self._stopping:
-                    time.sleep(pause)
-                if self._stopping:
+                if self._stopping.wait(max(0.0, pause)):
                     break
                 self._committed.clear()
                 last = time.monotonic()
@@ -93,15 +99,21 @@ class Checkpointer:
                 conn.close()
 
     def _checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
-        """One PASSIVE checkpoint; a failure is logged once and retried at the next turn, on a new connection."""
+        """One PASSIVE checkpoint; a failure is logged once and retried at the next turn, on a new connection.
+
+        Any exception is caught: a thread that died here would leave the
+        copying to the writers' backstop without a word. The connection is
+        opened ``mode=rw``, so a store that was moved away is not recreated empty.
+        """
         try:
             if conn is None:
-                conn = sqlite3.connect(self.path, isolation_level=None)
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None)
                 conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
             if str(exc) != self._last_error:
-                log.warning("checkpointing the store's WAL into %s failed (retrying): %s", self.path, exc)
+                log.warning("checkpointing the store's WAL into %s failed (retrying): %s", self.path, exc,
+                            exc_info=not isinstance(exc, (sqlite3.Error, OSError)))
                 self._last_error = str(exc)
             if conn is not None:
                 conn.close()

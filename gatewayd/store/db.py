@@ -192,16 +192,23 @@ class Database:
             raise
         checkpointer = None
         if checkpoints == "background":
-            checkpointer = writer.checkpointer = Checkpointer(path)
+            try:
+                checkpointer = writer.checkpointer = Checkpointer(path)
+            except BaseException:
+                await writer.stop()
+                await reader.close()
+                raise
         return cls(path, writer, reader, checkpointer)
 
     async def close(self) -> None:
         """Finishes every queued job, then closes the connections."""
         self._closing = True
-        await self._writer.stop()
-        await self._reader.close()
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.stop)
+        try:
+            await self._writer.stop()
+            await self._reader.close()
+        finally:
+            if self._checkpointer is not None:
+                await asyncio.to_thread(self._checkpointer.stop)
 
     async def __aenter__(self) -> "Self":
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import textwrap
 import threading
 from collections import Counter
 
@@ -184,11 +185,28 @@ async def test_time_spent_reading_the_batch_does_not_cut_it_short(gateway, monke
 
 
 class TestMessageBodies:
-    """The router extracts a message's body only for a chain that reads it, and then off the loop."""
+    """Bodies are extracted before the chain runs, off the loop, unless no plugin of the chain reads them."""
 
     BODY_RULES = ("  - plugin: rules\n    rules:\n"
                   "      - {match: {body: 'card (was )?stolen'}, team: security}\n"
                   "  - plugin: round_robin\n")
+    SUBJECT_RULES = ("  - plugin: rules\n    rules:\n"
+                     "      - {match: {subject: 'stolen'}, team: security}\n"
+                     "  - plugin: round_robin\n")
+    PEEKER = textwrap.dedent("""\
+        from gatewayd.plugin import API_VERSION, Decision, Plugin
+
+        class BodyPeeker(Plugin):
+            api_version = API_VERSION
+            {declaration}
+
+            def route(self, context, ticket, message, candidates):
+                if "stolen" in message.body:
+                    return Decision.narrow("stolen card", team="security")
+                return Decision.abstain("nothing stolen")
+
+        plugin = BodyPeeker
+        """)
 
     @staticmethod
     def spy_on_extraction(monkeypatch) -> list[str]:
@@ -209,17 +227,54 @@ class TestMessageBodies:
                                                                body="My card was stolen yesterday.\r\n"))
             assert reply.code == 250, reply
 
+    async def peeker_gateway(self, gateway_factory, tmp_path, declaration: str):
+        (tmp_path / "local").mkdir()
+        (tmp_path / "local" / "peeker.py").write_text(self.PEEKER.format(declaration=declaration))
+        return await gateway_factory(routing="  - plugin: peeker\n  - plugin: round_robin\n",
+                                     extra=f"plugin_paths: [{tmp_path / 'local'}]\n")
+
     async def test_a_chain_that_never_reads_bodies_never_extracts_one(self, gateway, monkeypatch):
         threads = self.spy_on_extraction(monkeypatch)
         router = await paused(gateway)
-        await send(gateway, 5)
+        await self.send_stolen_cards(gateway, 5)
         await router.work_through()
         assert len(await forwards(gateway)) == 5
         assert threads == []
 
-    async def test_a_chain_that_reads_bodies_gets_them_extracted_off_the_loop_after_the_first(
+    async def test_rules_that_match_no_body_read_none(self, gateway_factory, monkeypatch):
+        gw = await gateway_factory(routing=self.SUBJECT_RULES)
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gw)
+        await self.send_stolen_cards(gw, 3)
+        await router.work_through()
+        assert len(await forwards(gw)) == 3
+        assert threads == []
+
+    async def test_a_rule_on_the_body_gets_every_body_extracted_before_the_chain_runs(
             self, gateway_factory, monkeypatch):
         gw = await gateway_factory(routing=self.BODY_RULES)
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gw)
+        await self.send_stolen_cards(gw, 3)
+        await router.work_through()
+
+        assert Counter(agent for _, agent in await forwards(gw)) == {"sam": 3}, "every body was read by the rule"
+        assert len(threads) == 3
+        assert "gatewayd-plugin-hook" not in threads, "never under the plugin's timeout"
+        assert threading.current_thread().name not in threads, "never on the loop"
+
+    async def test_a_plugin_that_does_not_say_counts_as_reading_bodies(self, gateway_factory, tmp_path, monkeypatch):
+        gw = await self.peeker_gateway(gateway_factory, tmp_path, declaration="")
+        threads = self.spy_on_extraction(monkeypatch)
+        router = await paused(gw)
+        await self.send_stolen_cards(gw, 3)
+        await router.work_through()
+        assert Counter(agent for _, agent in await forwards(gw)) == {"sam": 3}
+        assert len(threads) == 3 and "gatewayd-plugin-hook" not in threads
+
+    async def test_a_plugin_that_reads_the_body_it_said_it_would_not_still_gets_it(
+            self, gateway_factory, tmp_path, monkeypatch, caplog):
+        gw = await self.peeker_gateway(gateway_factory, tmp_path, declaration="reads_body = False")
         threads = self.spy_on_extraction(monkeypatch)
         router = await paused(gw)
         await self.send_stolen_cards(gw, 3)
@@ -227,13 +282,13 @@ class TestMessageBodies:
         await self.send_stolen_cards(gw, 2, first=3)
         await router.work_through()
 
-        assert Counter(agent for _, agent in await forwards(gw)) == {"sam": 5}, "every body was read by the rule"
+        assert Counter(agent for _, agent in await forwards(gw)) == {"sam": 5}
         assert len(threads) == 5
-        assert threads[0] == "gatewayd-plugin-hook", "the first where the rule read it"
-        assert "gatewayd-plugin-hook" not in threads[1:], "the others before the chain ran"
-        assert threading.current_thread().name not in threads, "never on the loop"
+        assert threads[0] == "gatewayd-plugin-hook", "the first where it read it"
+        assert "gatewayd-plugin-hook" not in threads[1:], "then before the chain runs"
+        assert "every plugin of the chain has reads_body = False" in caplog.text
 
-    async def test_a_reload_forgets_that_the_old_chain_read_bodies(self, gateway_factory, monkeypatch, tmp_path):
+    async def test_a_reload_decides_again(self, gateway_factory, monkeypatch, tmp_path):
         gw = await gateway_factory(routing=self.BODY_RULES)
         threads = self.spy_on_extraction(monkeypatch)
         router = await paused(gw)

@@ -6,6 +6,7 @@ All tests use real SQLite files under ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -17,7 +18,9 @@ import pytest
 
 from gatewayd.errors import StoreCorrupt, StoreFull, StoreUnavailable
 from gatewayd.store import Store, Tx, Writes
+from gatewayd.store import checkpoints
 from gatewayd.store.api import RecentRaw
+from gatewayd.store.checkpoints import Checkpointer
 from gatewayd.store.schema import LATEST, MIGRATIONS
 
 
@@ -612,11 +615,22 @@ class TestCheckpoints:
             assert path.stat().st_size >= 40 << 20
             assert Path(f"{path}-wal").stat().st_size < 24 << 20
 
-    async def test_the_daemons_checkpointer_copies_its_commits_soon_after(self, tmp_path: Path) -> None:
+    async def test_the_daemons_commits_leave_the_copy_to_its_checkpointer(self, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.setattr(checkpoints, "INTERVAL", 30.0)
+        monkeypatch.setattr(checkpoints, "IDLE_INTERVAL", 30.0)
+        path = tmp_path / "daemon.sqlite3"
+        async with await Store.open(path, checkpoints="background") as store:
+            before = path.stat().st_size
+            await self.write_megabytes(store, 8)
+            await asyncio.sleep(0.3)
+            assert path.stat().st_size == before
+
+    async def test_the_daemons_checkpointer_copies_its_commits_soon_after(self, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.setattr(checkpoints, "IDLE_INTERVAL", 30.0)
         path = tmp_path / "daemon.sqlite3"
         async with await Store.open(path, checkpoints="background") as store:
             await self.write_megabytes(store, 8)
-            assert await self.grown_to(path, 8 << 20, within=5.0)
+            assert await self.grown_to(path, 8 << 20, within=1.0)
 
     async def test_commits_of_the_worker_are_checkpointed_by_the_daemon(self, tmp_path: Path) -> None:
         path = tmp_path / "shared.sqlite3"
@@ -626,10 +640,30 @@ class TestCheckpoints:
                 assert await self.grown_to(path, 8 << 20, within=5.0)
 
     async def test_close_stops_the_checkpointer_thread(self, tmp_path: Path) -> None:
-        before = {t.name for t in threading.enumerate()}
         store = await Store.open(tmp_path / "s.sqlite3", checkpoints="background")
+        checkpointer = store._checkpointer
         try:
-            assert "store-checkpoints" in {t.name for t in threading.enumerate()} - before
+            assert checkpointer is not None and checkpointer.running
         finally:
             await store.close()
-        assert "store-checkpoints" not in {t.name for t in threading.enumerate()} - before
+        assert not checkpointer.running
+
+    async def test_a_failing_checkpoint_is_logged_once_and_retried(self, tmp_path: Path, caplog) -> None:
+        """A store moved away is neither recreated empty nor a reason for the thread to stop."""
+        caplog.set_level(logging.INFO, "gatewayd.store")
+        path = tmp_path / "moved.sqlite3"
+        checkpointer = Checkpointer(path, interval=0.01, idle_interval=0.01)
+        try:
+            await asyncio.sleep(0.2)
+            assert not path.exists()
+            assert checkpointer.running
+            assert caplog.text.count("checkpointing the store's WAL") == 1
+            async with await Store.open(path):
+                pass
+            deadline = time.monotonic() + 2
+            while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert checkpointer.checkpoints > 0
+            assert "works again" in caplog.text
+        finally:
+            await asyncio.to_thread(checkpointer.stop)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gatewayd.config import loads
 from gatewayd.discovery import load_chain
+from gatewayd.router import reads_bodies
 from gatewayd.testing import (
     FakeClock,
     MemoryStateStore,
@@ -214,3 +215,17 @@ def test_shipped_routing_example_loads():
     chain = load_chain(config)
     assert [link.name for link in chain.links] == ["rules", "sticky", "schedule", "capacity", "round_robin"]
     assert chain.links[-1].timeout == 0.5
+
+
+def reads_body(plugin, **options) -> bool:
+    agents = (*THREE, make_agent("sam", teams=("security",)))
+    return reads_bodies(build_chain([(plugin, options)], agents=agents))
+
+
+def test_only_rules_on_the_body_make_gatewayd_extract_bodies():
+    for name in ("round_robin", "least_loaded", "sticky", "schedule", "capacity"):
+        options = {"max_open": 5} if name == "capacity" else {}
+        assert not reads_body(name, **options), name
+    assert not reads_body("rules", rules=[{"match": {"subject": "fraud", "from": "@x"}, "team": "security"}])
+    assert reads_body("rules", rules=[{"match": {"body": "fraud"}, "team": "security"}])
+    assert reads_body("rules", rules=[{"keywords": ["fraud"], "team": "security"}])

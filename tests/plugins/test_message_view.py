@@ -163,14 +163,16 @@ def test_a_deferred_body_is_extracted_once_on_first_read(monkeypatch):
     assert calls == []
     assert deferred.body == deferred.body == "Hello"
     assert len(calls) == 1
+    assert "_extract_body" not in vars(deferred), "nor the message it kept for the extraction"
 
 
-def test_hostile_mime_keeps_its_parsed_headers_when_the_body_falls_back(monkeypatch):
+@pytest.mark.parametrize("defer_body", [False, True])
+def test_hostile_mime_keeps_its_parsed_headers_when_the_body_falls_back(monkeypatch, defer_body):
     def gives_up(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded")
     monkeypatch.setattr(message_view, "parse", gives_up)
     raw = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nhi\r\n"
-    message = view(raw)
+    message = view(raw, defer_body=defer_body)
     assert message.subject == "café"
     assert message.body == "--b\nhi"
 

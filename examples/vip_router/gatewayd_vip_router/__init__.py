@@ -21,6 +21,7 @@ class VipRouter(Plugin):
     """Options: ``domains`` (required), ``agent`` and/or ``team`` (at least one), ``priority``."""
 
     api_version = API_VERSION
+    reads_body = False  # only the sender counts: gatewayd need not extract bodies for this plugin
 
     def __init__(self, options: Options) -> None:
         domains = options.get_list("domains") or ()
