@@ -17,6 +17,7 @@ from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
 from types import MappingProxyType
+from typing import Any
 
 from .addresses import extract_address
 from .plugin import MessageView
@@ -44,7 +45,7 @@ def message_view_from_bytes(raw: bytes, mail_from: str, rcpt_tos: Sequence[str],
     from_values = headers.get("from", ())
     sender = (extract_address(from_values[0]) if len(from_values) == 1 else None) or mail_from
     message_ids = headers.get("message-id", ())
-    fields = dict(
+    fields: dict[str, Any] = dict(
         mail_from=mail_from,
         rcpt_tos=tuple(rcpt_tos),
         subject=subject,

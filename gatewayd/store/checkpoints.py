@@ -48,6 +48,7 @@ INTERVAL = 0.1
 IDLE_INTERVAL = 1.0
 # wal_autocheckpoint of the daemon's and the worker's connections (16 MB of 4 KB pages).
 BACKSTOP_PAGES = 4000
+SQLITE_AUTOCHECKPOINT = 1000  # SQLite's default, kept by "on_commit"
 
 
 class Checkpointer:

@@ -55,7 +55,7 @@ from typing import Any, Protocol, Self, TypeVar
 import aiosqlite
 
 from ..errors import StoreCorrupt, StoreError, StoreFull, StoreUnavailable
-from .checkpoints import BACKSTOP_PAGES, Checkpointer, Checkpoints
+from .checkpoints import BACKSTOP_PAGES, SQLITE_AUTOCHECKPOINT, Checkpointer, Checkpoints
 from .locks import StoreLocks
 from .schema import LATEST, MIGRATIONS
 
@@ -180,7 +180,7 @@ class Database:
         """
         path = Path(path)
         writer = _Writer(path, group_limit, check, asyncio.get_running_loop(),
-                         autocheckpoint=checkpoints == "on_commit")
+                         autocheckpoint_pages=SQLITE_AUTOCHECKPOINT if checkpoints == "on_commit" else BACKSTOP_PAGES)
         await writer.opened()
         try:
             reader = _InlineReader.open(path) if inline_reads else await _ThreadReader.open(path)
@@ -340,11 +340,11 @@ class _Writer:
     """
 
     def __init__(self, path: Path, group_limit: int, check: bool, loop: asyncio.AbstractEventLoop, *,
-                 autocheckpoint: bool) -> None:
+                 autocheckpoint_pages: int) -> None:
         self.path = path
         self.stats = CommitStats()
         self.checkpointer: Checkpointer | None = None
-        self._autocheckpoint = autocheckpoint
+        self._autocheckpoint_pages = autocheckpoint_pages
         self._group_limit = group_limit
         self._check = check
         self._loop = loop
@@ -393,7 +393,7 @@ class _Writer:
 
     def _run(self) -> None:
         try:
-            conn = _connect(self.path, self._check, self._autocheckpoint)
+            conn = _connect(self.path, self._check, self._autocheckpoint_pages)
             try:
                 self._locks = StoreLocks(self.path)
             except OSError as exc:
@@ -592,12 +592,10 @@ def _roll_back(conn: sqlite3.Connection) -> None:
         log.debug("rollback failed", exc_info=True)
 
 
-def _connect(path: Path, check: bool, autocheckpoint: bool) -> sqlite3.Connection:
+def _connect(path: Path, check: bool, autocheckpoint_pages: int) -> sqlite3.Connection:
     """The writer connection, after refusing files that are not a healthy gatewayd store and migrating.
 
-    Without ``autocheckpoint`` its commits leave the WAL to a
-    :class:`Checkpointer` until it passes :data:`BACKSTOP_PAGES` (SQLite's
-    ``wal_autocheckpoint`` is 1,000 pages otherwise).
+    Its commits checkpoint the WAL once it holds ``autocheckpoint_pages``.
     """
     existed = path.exists() and path.stat().st_size > 0
     try:
@@ -610,8 +608,7 @@ def _connect(path: Path, check: bool, autocheckpoint: bool) -> sqlite3.Connectio
         _inspect(conn, path, existed, check)
         for pragma in _PRAGMAS:
             conn.execute(f"PRAGMA {pragma}")
-        if not autocheckpoint:
-            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint_pages}")
         _migrate(conn, path)
     except BaseException as exc:
         conn.close()
