@@ -598,9 +598,14 @@ class TestCheckpoints:
             await self.write_megabytes(store, 8)
             assert path.stat().st_size >= 8 << 20
 
-    async def test_commits_of_a_worker_process_leave_checkpoints_to_the_daemon(self, tmp_path: Path) -> None:
-        path = tmp_path / "worker.sqlite3"
-        async with await Store.open(path, checkpoints="elsewhere") as store:
+    @pytest.mark.parametrize("mode", ["elsewhere", "background"])
+    async def test_commits_below_the_backstop_leave_the_copy_to_the_daemons_thread(
+            self, tmp_path: Path, monkeypatch, mode: str) -> None:
+        """The worker's ("elsewhere") and the daemon's own ("background"; its thread kept idle here)."""
+        monkeypatch.setattr(checkpoints, "INTERVAL", 30.0)
+        monkeypatch.setattr(checkpoints, "IDLE_INTERVAL", 30.0)
+        path = tmp_path / "store.sqlite3"
+        async with await Store.open(path, checkpoints=mode) as store:
             before = path.stat().st_size
             await self.write_megabytes(store, 8)
             await asyncio.sleep(0.3)
@@ -614,16 +619,6 @@ class TestCheckpoints:
             await self.write_megabytes(store, 48)
             assert path.stat().st_size >= 40 << 20
             assert Path(f"{path}-wal").stat().st_size < 24 << 20
-
-    async def test_the_daemons_commits_leave_the_copy_to_its_checkpointer(self, tmp_path: Path, monkeypatch) -> None:
-        monkeypatch.setattr(checkpoints, "INTERVAL", 30.0)
-        monkeypatch.setattr(checkpoints, "IDLE_INTERVAL", 30.0)
-        path = tmp_path / "daemon.sqlite3"
-        async with await Store.open(path, checkpoints="background") as store:
-            before = path.stat().st_size
-            await self.write_megabytes(store, 8)
-            await asyncio.sleep(0.3)
-            assert path.stat().st_size == before
 
     async def test_the_daemons_checkpointer_copies_its_commits_soon_after(self, tmp_path: Path, monkeypatch) -> None:
         monkeypatch.setattr(checkpoints, "IDLE_INTERVAL", 30.0)
