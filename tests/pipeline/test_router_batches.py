@@ -7,6 +7,8 @@ import textwrap
 import threading
 from collections import Counter
 
+import pytest
+
 from gatewayd import config as config_module
 from gatewayd import message_view
 from gatewayd import router as router_module
@@ -233,21 +235,14 @@ class TestMessageBodies:
         return await gateway_factory(routing="  - plugin: peeker\n  - plugin: round_robin\n",
                                      extra=f"plugin_paths: [{tmp_path / 'local'}]\n")
 
-    async def test_a_chain_that_never_reads_bodies_never_extracts_one(self, gateway, monkeypatch):
-        threads = self.spy_on_extraction(monkeypatch)
-        router = await paused(gateway)
-        await self.send_stolen_cards(gateway, 5)
-        await router.work_through()
-        assert len(await forwards(gateway)) == 5
-        assert threads == []
-
-    async def test_rules_that_match_no_body_read_none(self, gateway_factory, monkeypatch):
-        gw = await gateway_factory(routing=self.SUBJECT_RULES)
+    @pytest.mark.parametrize("routing", ["  - plugin: round_robin\n", SUBJECT_RULES], ids=["round_robin", "subject_rules"])
+    async def test_a_chain_that_never_reads_bodies_never_extracts_one(self, gateway_factory, monkeypatch, routing):
+        gw = await gateway_factory(routing=routing)
         threads = self.spy_on_extraction(monkeypatch)
         router = await paused(gw)
-        await self.send_stolen_cards(gw, 3)
+        await self.send_stolen_cards(gw, 5)
         await router.work_through()
-        assert len(await forwards(gw)) == 3
+        assert len(await forwards(gw)) == 5
         assert threads == []
 
     async def test_a_rule_on_the_body_gets_every_body_extracted_before_the_chain_runs(
