@@ -38,7 +38,10 @@ def _message(size: int, worker: int, sequence: int) -> bytes:
     return head + line * max(1, size // len(line))
 
 
-async def _worker(port: int, size: int, worker: int, count: int, samples: list[float]) -> None:
+async def _worker(port: int, size: int, worker: int, count: int, samples: list[float],
+                  pace: tuple[float, float, float] | None = None) -> None:
+    """One session sending ``count`` messages; with ``pace`` (start, offset, interval) message n is due
+    at start + offset + n * interval, else they follow each other at once."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def reply() -> bytes:
@@ -53,6 +56,8 @@ async def _worker(port: int, size: int, worker: int, count: int, samples: list[f
     writer.write(b"EHLO client.test\r\n")
     await reply()
     for sequence in range(count):
+        if pace is not None:
+            await asyncio.sleep(max(0.0, pace[0] + pace[1] + sequence * pace[2] - time.monotonic()))
         writer.write(b"MAIL FROM:<carol@customer.test>\r\nRCPT TO:<support@example.test>\r\nDATA\r\n")
         for _ in range(3):
             await reply()
@@ -88,6 +93,24 @@ def paced(port: int, size: int, count: int, rate: float, timeout: float) -> None
             await _worker(port, size, 1000 + sequence, 1, [])
             await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - started)))
     asyncio.run(asyncio.wait_for(run(), timeout))
+
+
+def paced_sessions(port: int, size: int, sessions: int, count: int, rate: float, timeout: float) -> Throughput:
+    """``count`` messages over ``sessions`` sessions, started at ``rate`` per second in all (open loop).
+
+    Each session sends its share on a schedule; one that falls behind sends its
+    next message at once. Unlike smtp-source's closed loop, the load does not
+    grow with the server's speed, so end-to-end times show the pipeline at a
+    pace it sustains instead of the backlog of a burst.
+    """
+    async def session(worker: int) -> None:
+        await _worker(port, size, worker, count // sessions, [], pace=(started, worker / rate, sessions / rate))
+
+    async def run() -> None:
+        await asyncio.wait_for(asyncio.gather(*(session(w) for w in range(sessions))), timeout)
+    started = time.monotonic()
+    asyncio.run(run())
+    return Throughput(count // sessions * sessions, time.monotonic() - started)
 
 
 def percentile(values: list[float], fraction: float) -> float:

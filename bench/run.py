@@ -1,6 +1,6 @@
 """gatewayd against smtp-sink and a throwaway Postfix relay, on this machine, in one run.
 
-    .venv/bin/python bench/run.py            # about 9 minutes; prints a Markdown table
+    .venv/bin/python bench/run.py            # about 10 minutes; prints Markdown tables
 
 All load is loopback and bounded: a fixed message count per cell and a timeout
 per step. Needs Postfix (smtp-source, smtp-sink, postfix) installed; run as root
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.load import idle_connections, paced, percentile, smtp_source, time_to_250
+from bench.load import idle_connections, paced, paced_sessions, percentile, smtp_source, time_to_250
 from bench.system import PeakRss, fsync_rate, rss_bytes
 from tests.support.gateway import config_text, free_port
 from tests.support.mta import Postfix, SmtpSink, scratch_dir, wait_for_port
@@ -40,6 +40,24 @@ LATENCY_SAMPLES = 500
 STEP_TIMEOUT = 180.0
 LIGHT_LOAD_COUNT = 200
 LIGHT_LOAD_RATE = 20.0
+# Open-loop load over 50 sessions at these fractions of the Postfix relay's c=50 rate in the same
+# run, for this many seconds: end to end at a pace both sustain, instead of a burst's backlog.
+PACED_SESSIONS = 50
+PACED_FRACTIONS = (0.5, 0.75)
+PACED_SECONDS = 4.0
+
+
+@dataclass
+class Paced:
+    """End to end under an offered rate: a fraction of what saturates the Postfix relay."""
+
+    target: str
+    size: str
+    fraction: float
+    offered: float
+    achieved: float
+    e2e_p50: float
+    e2e_p99: float
 
 
 @dataclass
@@ -165,6 +183,28 @@ def run_cell(target: str, port: int, pids, size: int, sessions: int) -> tuple[fl
     return throughput.rate, samples, peak.peak
 
 
+def postfix_paced(postfix: Postfix, size: int, count: int, rate: float) -> tuple[float, list[float]]:
+    before = len(postfix_delays(postfix.log))
+    achieved = paced_sessions(postfix.port, size, PACED_SESSIONS, count, rate, STEP_TIMEOUT).rate
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not postfix.queue_is_empty() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    return achieved, postfix_delays(postfix.log)[before:]
+
+
+def gatewayd_paced(relay_port: int, dns_port: int, size: int, count: int, rate: float) -> tuple[float, list[float]]:
+    gateway = Gatewayd(relay_port, dns_port)
+    try:
+        gateway.start()
+        achieved = paced_sessions(gateway.port, size, PACED_SESSIONS, count, rate, STEP_TIMEOUT).rate
+        gateway.drain(STEP_TIMEOUT)
+        delays, _, _ = gateway.end_to_end()
+    finally:
+        gateway.stop()
+    return achieved, delays
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -244,8 +284,27 @@ def main() -> int:
                                   {"commits_per_message": commits / max(1, accepted), "drained": drained,
                                    "accepted": accepted, "commits": commits}))
 
+        paced_cells: list[Paced] = []
+        for label, size in sizes.items():
+            saturated = next((c.rate for c in cells if (c.target, c.size, c.sessions) == ("postfix", label, 50)), None)
+            if saturated is None:
+                continue
+            for fraction in PACED_FRACTIONS:
+                rate = saturated * fraction
+                count = int(rate * PACED_SECONDS) // PACED_SESSIONS * PACED_SESSIONS
+                for target in ("postfix", "gatewayd"):
+                    if target not in targets:
+                        continue
+                    achieved, delays = (postfix_paced(postfix, size, count, rate) if target == "postfix"
+                                        else gatewayd_paced(relay_sink.port, dns_port, size, count, rate))
+                    paced_cells.append(Paced(target, label, fraction, rate, achieved, percentile(delays, .5),
+                                             percentile(delays, .99)))
+                    print(f"  {target:10} {label:>6} paced {rate:6.0f} msg/s (achieved {achieved:.0f}): e2e p50 "
+                          f"{percentile(delays, .5) * 1000:.1f} ms, p99 {percentile(delays, .99) * 1000:.1f} ms",
+                          file=sys.stderr)
+
         if args.no_extras:
-            print(render(cells, disk, 0, 0, []))
+            print(render(cells, paced_cells, disk, 0, 0, []))
             return 0
         gateway = Gatewayd(relay_sink.port, dns_port)
         try:
@@ -276,14 +335,16 @@ def main() -> int:
         relay_sink.stop()
         ceiling.stop()
 
-    print(render(cells, disk, baseline, idle_rss, light))
+    print(render(cells, paced_cells, disk, baseline, idle_rss, light))
     if args.json:
         args.json.write_text(json.dumps({"fsync_per_s": disk, "idle_rss_baseline": baseline, "light_e2e": light,
-                                         "idle_rss_1000": idle_rss, "cells": [c.__dict__ for c in cells]}, indent=2))
+                                         "idle_rss_1000": idle_rss, "cells": [c.__dict__ for c in cells],
+                                         "paced": [p.__dict__ for p in paced_cells]}, indent=2))
     return 0
 
 
-def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: list[float]) -> str:
+def render(cells: list[Cell], paced_cells: list[Paced], disk: float, baseline: int, idle_rss: int,
+           light: list[float]) -> str:
     def ms(value: float | None) -> str:
         return "–" if value is None or math.isnan(value) else f"{value * 1000:.1f}"
 
@@ -304,10 +365,18 @@ def render(cells: list[Cell], disk: float, baseline: int, idle_rss: int, light: 
             drained = f"{c.extra['drained']:.0f}"
         lines.append(f"| {c.target} | {c.size} | {c.sessions} | {c.rate:.0f} | {ms(c.p50)} | {ms(c.p99)} "
                      f"| {ms(c.e2e_p50)} | {ms(c.e2e_p99)} | {c.rss / 2**20:.0f} | {ratio_pf} | {ratio_noop} | {ratio_sink} | {commits} | {drained} |")
-    lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
-              (f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
-               f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms"),
-              f"gatewayd RSS idle: {baseline / 2**20:.1f} MB; with 1,000 idle sessions: {idle_rss / 2**20:.1f} MB"]
+    if paced_cells:
+        lines += ["", f"End to end under open-loop load ({PACED_SESSIONS} sessions, a fraction of the Postfix "
+                      "relay's c=50 rate above):", "",
+                  "| target | size | fraction | offered msg/s | achieved msg/s | e2e p50 (ms) | e2e p99 (ms) |",
+                  "|---|---|--:|--:|--:|--:|--:|"]
+        lines += [f"| {p.target} | {p.size} | {p.fraction:.2f} | {p.offered:.0f} | {p.achieved:.0f} "
+                  f"| {ms(p.e2e_p50)} | {ms(p.e2e_p99)} |" for p in paced_cells]
+    if light:  # --no-extras measures none of these
+        lines += ["", f"Disk fsync rate (4 KB write + fsync): {disk:.0f}/s",
+                  (f"gatewayd end to end at {LIGHT_LOAD_RATE:.0f} msg/s (4 KB, {len(light)} forwards): "
+                   f"p50 {ms(percentile(light, .5))} ms, p99 {ms(percentile(light, .99))} ms"),
+                  f"gatewayd RSS idle: {baseline / 2**20:.1f} MB; with 1,000 idle sessions: {idle_rss / 2**20:.1f} MB"]
     return "\n".join(lines)
 
 
