@@ -43,7 +43,7 @@ LIGHT_LOAD_RATE = 20.0
 # Open-loop load over 50 sessions at these fractions of the Postfix relay's c=50 rate in the same
 # run, for this many seconds: end to end at a pace both sustain, instead of a burst's backlog.
 PACED_SESSIONS = 50
-PACED_FRACTIONS = (0.5, 0.75)
+PACED_FRACTIONS = (0.5, 0.75, 1.0)
 PACED_SECONDS = 4.0
 
 
