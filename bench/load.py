@@ -100,8 +100,8 @@ def paced_sessions(port: int, size: int, sessions: int, count: int, rate: float,
 
     Each session sends its share on a schedule; one that falls behind sends its
     next message at once. Unlike smtp-source's closed loop, the load does not
-    grow with the server's speed, so end-to-end times show the pipeline at a
-    pace it sustains instead of the backlog of a burst.
+    grow with the server's speed: below the server's limit, end-to-end times
+    show its pipeline instead of the backlog of a burst.
     """
     async def session(worker: int) -> None:
         await _worker(port, size, worker, count // sessions, [], pace=(started, worker / rate, sessions / rate))
