@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.load import idle_connections, paced, paced_sessions, percentile, smtp_source, time_to_250
 from bench.system import PeakRss, fsync_rate, rss_bytes
+from gatewayd.config import RELAY_CONCURRENCY
 from tests.support.gateway import config_text, free_port
 from tests.support.mta import Postfix, SmtpSink, scratch_dir, wait_for_port
 
@@ -88,8 +89,10 @@ class Gatewayd:
         self.root = scratch_dir("gw-bench-")
         self.port = free_port()
         self.metrics_port = free_port()
+        # The tests' config with the daemon's own relay concurrency (the tests use 4).
         text = config_text(self.root, smtp_port=self.port, lmtp_port=free_port(), relay_port=relay_port,
                            metrics_port=self.metrics_port, limits=f"  max_connections: {max_connections}\n",
+                           relay_concurrency=RELAY_CONCURRENCY,
                            extra=f'dns: {{resolver: "127.0.0.1:{dns_port}", timeout: 1s}}\n')
         (self.root / "gatewayd.yaml").write_text(text)
         self.store = self.root / "gatewayd.sqlite3"

@@ -93,12 +93,18 @@ class RetryConfig:
         return min(self.max, self.first * (2 ** max(0, attempts - 1)))
 
 
+# Sessions to the relay, each one delivery at a time. Under a burst, 4 left forwards
+# queueing behind each other's round trips (bench/RESULTS.md); Postfix itself opens up
+# to 20 per destination.
+RELAY_CONCURRENCY = 16
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     address: Endpoint
     retry: RetryConfig = RetryConfig()
     timeout: float = 60 * SECONDS
-    concurrency: int = 4
+    concurrency: int = RELAY_CONCURRENCY
     starttls: bool = False
     ca_file: Path | None = None  # verify the relay's certificate against this alone (else the system's CAs)
 
@@ -731,7 +737,7 @@ def _relay(r: _Reader, data: Mapping[str, Any]) -> RelayConfig:
                         Endpoint("127.0.0.1", 25)),
         retry=retry_cfg,
         timeout=r.value(relay, "timeout", "relay.timeout", _positive_duration, 60 * SECONDS),
-        concurrency=r.value(relay, "concurrency", "relay.concurrency", _positive_int, 4),
+        concurrency=r.value(relay, "concurrency", "relay.concurrency", _positive_int, RELAY_CONCURRENCY),
         starttls=starttls,
         ca_file=ca_file,
     )

@@ -117,6 +117,13 @@ class TestShippedExample:
         """The file says "These are the defaults": keep it true."""
         assert config_module.load(SHIPPED).limits == config_module.LimitsConfig()
 
+    def test_shows_the_default_relay_concurrency_which_applies_when_the_key_is_left_out(self) -> None:
+        text = SHIPPED.read_text()
+        assert "  concurrency: 16\n" in text
+        assert config_module.load(SHIPPED).relay.concurrency == config_module.RELAY_CONCURRENCY == 16
+        omitted = config_module.loads(text.replace("  concurrency: 16\n", ""), "omitted.yaml", source=SHIPPED)
+        assert omitted.relay.concurrency == 16
+
 
 # --------------------------------------------------------------------------- error reporting
 
