@@ -13,7 +13,9 @@ Results are recorded by one recorder, many per transaction: while other
 deliveries are in flight a result waits up to :data:`_RECORD_WINDOW` for
 company, so a burst costs a few commits instead of one per message. A result
 the store cannot take (store full) stays in ``_unrecorded``: the item is held
-back one retry interval and then only recorded, never sent again.
+back one retry interval and then only recorded, never sent again. An attempt
+is recorded with the time it ended (a sent item's ``updated_at`` and its
+``delivered`` event say when the relay took it), not the time of the commit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .agent_mail import notice
 from .compose import assemble
@@ -47,6 +50,14 @@ _RECORD_WINDOW = 0.01
 _RECORD_BATCH = 128
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """A delivery attempt's result and when it ended, kept until it is recorded."""
+
+    result: SendResult
+    ended: float
+
+
 class Outbox:
     def __init__(self, config: Config, store: Store, metrics: Metrics,
                  clock: Callable[[], float] = time.time) -> None:
@@ -62,11 +73,11 @@ class Outbox:
         # Items whose delivery ended while a scan of due items was running: that scan
         # may have read them as still pending, and must not start them again.
         self._settled: set[int] = set()
-        self._unrecorded: dict[int, SendResult] = {}
+        self._unrecorded: dict[int, _Attempt] = {}
         # Items whose attempt is over and whose result waits for the recorder: they no longer
         # take a delivery slot, so a slow commit does not hold up the next sends.
         self._recording: set[int] = set()
-        self._results: list[tuple[OutboxItem, SendResult, asyncio.Future[None]]] = []
+        self._results: list[tuple[OutboxItem, _Attempt, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
         self._relay = Relay(config.relay, config.hostname)
         self._webhooks = Webhooks(config.relay.concurrency, config.relay.timeout)
@@ -141,15 +152,17 @@ class Outbox:
             async with self._slots:
                 if self._stopping:
                     return
-                result = self._unrecorded.get(item.id)
-                if result is None:
+                attempt = self._unrecorded.get(item.id)
+                if attempt is None:
                     result = await self._attempt(item)
+                    attempt = _Attempt(result, self.clock())
                     self.metrics.delivery_attempt(item.kind, result.outcome)
-                    self._unrecorded[item.id] = result
+                    self._unrecorded[item.id] = attempt
             self._recording.add(item.id)
             self._wake.set()
-            await self._recorded(item, result)
+            await self._recorded(item, attempt)
             del self._unrecorded[item.id]
+            result = attempt.result
             log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
                      item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome, result.reply)
         except Exception:
@@ -165,11 +178,11 @@ class Outbox:
             self._settled.add(item.id)
             self._wake.set()
 
-    async def _recorded(self, item: OutboxItem, result: SendResult) -> None:
+    async def _recorded(self, item: OutboxItem, attempt: _Attempt) -> None:
         """Returns once the result is committed (raising if it could not be); the recorder batches them."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._results.append((item, result, future))
+        self._results.append((item, attempt, future))
         if self._recorder is None or self._recorder.done():
             self._recorder = loop.create_task(self._record_results(), name="outbox-recorder")
         await future
@@ -179,7 +192,7 @@ class Outbox:
             if not self._stopping and len(self._inflight) > len(self._recording):
                 await asyncio.sleep(_RECORD_WINDOW)
             batch, self._results = self._results[:_RECORD_BATCH], self._results[_RECORD_BATCH:]
-            parts = [self._record(item, result) for item, result, _ in batch]
+            parts = [self._record(item, attempt.result, attempt.ended) for item, attempt, _ in batch]
             try:
                 outcomes = await self.store.transact_each(parts)
             except Exception as exc:
@@ -208,10 +221,9 @@ class Outbox:
             return await self._webhooks.post(item.rcpt, content)
         return await self._relay.send(item.mail_from, item.rcpt, content)
 
-    def _record(self, item: OutboxItem, result: SendResult) -> Part:
-        """The write that records one attempt: the item's new state and its event, and on a
-        permanent failure what follows from it (that part reads the store, so it is a job)."""
-        now = self.clock()
+    def _record(self, item: OutboxItem, result: SendResult, now: float) -> Part:
+        """The write that records one attempt that ended at ``now``: the item's new state and its event,
+        and on a permanent failure what follows from it (that part reads the store, so it is a job)."""
         attempts = item.attempts + 1
         retry = self.config.relay.retry
         detail = {"item": item.id, "kind": item.kind, "rcpt": item.rcpt, "attempt": attempts, "reply": result.reply}

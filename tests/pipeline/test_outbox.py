@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from gatewayd.outbox import Outbox
 from gatewayd.store import Store
@@ -178,7 +179,7 @@ class TestNeverSilentlyDropped:
         from gatewayd.errors import StoreFull
         record = Outbox._record
 
-        def store_full(self, item, result):
+        def store_full(self, item, result, now):
             async def write(tx):
                 raise StoreFull("database or disk is full")
             return write
@@ -234,6 +235,34 @@ class TestBookkeeping:
             await outbox.stop(5)
             task.cancel()
         assert len(sink.received) == 24
+
+    async def test_a_delivery_is_recorded_with_the_time_the_relay_took_it_not_the_time_of_the_commit(
+            self, gateway, sink, monkeypatch):
+        await routed_with_the_outbox_stopped(gateway, 1, "stamp")
+        release = asyncio.Event()
+        transact_each = gateway.store.transact_each
+
+        async def slow_store(parts):
+            await release.wait()
+            return await transact_each(parts)
+        monkeypatch.setattr(gateway.store, "transact_each", slow_store)
+        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
+        task = asyncio.create_task(outbox.run())
+        try:
+            await sink.wait_for(1)
+            taken = time.time()
+            await asyncio.sleep(0.5)
+            release.set()
+            await wait_until(lambda: _all_in_state(gateway.store, "sent", 1))
+        finally:
+            release.set()
+            await outbox.stop(5)
+            task.cancel()
+        item = await forward_item(gateway.store)
+        [updated_at] = await gateway.store.fetchone("SELECT updated_at FROM outbox WHERE id = ?", (item.id,))
+        [delivered] = [e for e in await gateway.store.events(item.ticket) if e.kind == "delivered"]
+        assert updated_at == delivered.at
+        assert taken - 0.5 < updated_at <= taken + 0.1, "when the relay answered, half a second before the commit"
 
     async def test_a_scan_that_read_an_item_before_its_delivery_was_recorded_does_not_send_it_again(
             self, gateway, sink, monkeypatch):
