@@ -162,9 +162,8 @@ class Outbox:
             self._wake.set()
             await self._recorded(item, attempt)
             del self._unrecorded[item.id]
-            result = attempt.result
-            log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r",
-                     item.id, item.kind, item.ticket, item.rcpt, item.attempts + 1, result.outcome, result.reply)
+            log.info("delivery item=%d kind=%s ticket=%s rcpt=<%s> attempt=%d outcome=%s reply=%r", item.id,
+                     item.kind, item.ticket, item.rcpt, item.attempts + 1, attempt.result.outcome, attempt.result.reply)
         except Exception:
             # Held back for one retry interval: an attempt that cannot be recorded
             # (store full) is not repeated in a tight loop, and one the relay took is
