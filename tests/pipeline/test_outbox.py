@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 
 from gatewayd.outbox import Outbox
 from gatewayd.store import Store
@@ -196,19 +198,41 @@ class TestNeverSilentlyDropped:
         assert len(sink.received) == 1
 
 
+@contextlib.asynccontextmanager
+async def outbox_of_its_own(gateway, commits_held: bool = False, monkeypatch=None) -> AsyncIterator[asyncio.Event]:
+    """A test's own outbox worker for the duration of the block.
+
+    With ``commits_held`` every store commit waits until the block sets the
+    yielded event (or ends): deliveries go on while their results wait.
+    """
+    release = asyncio.Event()
+    if commits_held:
+        transact_each = gateway.store.transact_each
+
+        async def held(parts):
+            await release.wait()
+            return await transact_each(parts)
+        monkeypatch.setattr(gateway.store, "transact_each", held)
+    else:
+        release.set()
+    outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
+    task = asyncio.create_task(outbox.run())
+    try:
+        yield release
+    finally:
+        release.set()
+        await outbox.stop(5)
+        task.cancel()
+
+
 class TestBookkeeping:
     async def test_a_burst_of_results_is_recorded_in_a_few_transactions(self, gateway, sink):
         await routed_with_the_outbox_stopped(gateway, 20, "burst")
         gateway.daemon.sla.stop()
         commits = gateway.store.stats.commits
-        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
-        task = asyncio.create_task(outbox.run())
-        try:
+        async with outbox_of_its_own(gateway):
             await sink.wait_for(20)
             await wait_until(lambda: _all_in_state(gateway.store, "sent", 20))
-        finally:
-            await outbox.stop(5)
-            task.cancel()
         transactions = gateway.store.stats.commits - commits
         assert transactions <= 6, f"20 results in {transactions} transactions"
         kinds = [e.kind for n in range(1000, 1020) for e in await gateway.store.events(n)]
@@ -217,47 +241,21 @@ class TestBookkeeping:
     async def test_results_waiting_for_the_store_do_not_hold_up_the_next_sends(self, gateway, sink, monkeypatch):
         """relay.concurrency x 4 deliveries may be under way; one whose result waits to be recorded is not."""
         await routed_with_the_outbox_stopped(gateway, 24, "slowrec")
-        release = asyncio.Event()
-        transact_each = gateway.store.transact_each
-
-        async def slow_store(parts):
-            await release.wait()
-            return await transact_each(parts)
-        monkeypatch.setattr(gateway.store, "transact_each", slow_store)
-        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
-        task = asyncio.create_task(outbox.run())
-        try:
+        async with outbox_of_its_own(gateway, commits_held=True, monkeypatch=monkeypatch) as release:
             await sink.wait_for(24)
             release.set()
             await wait_until(lambda: _all_in_state(gateway.store, "sent", 24))
-        finally:
-            release.set()
-            await outbox.stop(5)
-            task.cancel()
         assert len(sink.received) == 24
 
     async def test_a_delivery_is_recorded_with_the_time_the_relay_took_it_not_the_time_of_the_commit(
             self, gateway, sink, monkeypatch):
         await routed_with_the_outbox_stopped(gateway, 1, "stamp")
-        release = asyncio.Event()
-        transact_each = gateway.store.transact_each
-
-        async def slow_store(parts):
-            await release.wait()
-            return await transact_each(parts)
-        monkeypatch.setattr(gateway.store, "transact_each", slow_store)
-        outbox = Outbox(gateway.daemon.config, gateway.store, gateway.daemon.metrics)
-        task = asyncio.create_task(outbox.run())
-        try:
+        async with outbox_of_its_own(gateway, commits_held=True, monkeypatch=monkeypatch) as release:
             await sink.wait_for(1)
             taken = time.time()
             await asyncio.sleep(0.5)
             release.set()
             await wait_until(lambda: _all_in_state(gateway.store, "sent", 1))
-        finally:
-            release.set()
-            await outbox.stop(5)
-            task.cancel()
         item = await forward_item(gateway.store)
         [updated_at] = await gateway.store.fetchone("SELECT updated_at FROM outbox WHERE id = ?", (item.id,))
         [delivered] = [e for e in await gateway.store.events(item.ticket) if e.kind == "delivered"]
